@@ -19,10 +19,10 @@ $(INSTALLED): pyproject.toml
 demo: $(INSTALLED)
 	$(BIN)/hermes-pipeline validate configs/recipes/tiny.yaml
 	$(BIN)/hermes-pipeline plan configs/recipes/tiny.yaml
-	$(BIN)/hermes-pipeline prep configs/recipes/tiny.yaml --inspect 1
+	$(BIN)/hermes-pipeline run configs/recipes/tiny.yaml
 
 test: $(INSTALLED) lint
-	$(BIN)/pytest
+	$(BIN)/pytest --durations=12
 
 lint: $(INSTALLED)
 	$(BIN)/ruff check .

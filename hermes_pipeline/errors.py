@@ -13,3 +13,12 @@ class RecipeError(UserError):
     def __init__(self, lines: list[str]):
         self.lines = lines
         super().__init__("\n".join(lines))
+
+
+class StageInterrupted(Exception):
+    """A stage stopped early on purpose (a preemption signal) after saving what a re-run resumes from.
+
+    Exit code 75 (EX_TEMPFAIL): the job should run again, not be reported as broken.
+    """
+
+    exit_code = 75

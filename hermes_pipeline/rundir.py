@@ -92,12 +92,16 @@ def write_manifest(
     inputs: dict[str, str],
     started: float,
     extra: dict[str, Any] | None = None,
+    skip: tuple[str, ...] = (),
 ) -> None:
-    """Record what went in and what came out; written last, so its presence means the stage finished."""
+    """Record what went in and what came out; written last, so its presence means the stage finished.
+
+    ``skip`` names top-level folders that are working state rather than output (checkpoints, caches).
+    """
     outputs = {
         str(p.relative_to(directory)): file_fingerprint(p)
         for p in sorted(directory.rglob("*"))
-        if p.is_file() and p.name != MANIFEST
+        if p.is_file() and p.name != MANIFEST and p.relative_to(directory).parts[0] not in skip
     }
     manifest = {
         "fingerprint": fingerprint,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 from tokenizers import AddedToken
@@ -71,8 +72,12 @@ def save_tokenizer(tokenizer: PreTrainedTokenizerBase, out_dir: str | Path) -> N
     writing ``added_tokens_decoder`` and ``add_bos_token``; llama.cpp's converter reads added tokens of a
     SentencePiece vocabulary only from there, so without them a GGUF would lose ``<|im_end|>``.
     """
+    out_dir = Path(out_dir)
+    # Template files left by an earlier save (a Trainer checkpoint) would shadow the named list.
+    (out_dir / "chat_template.jinja").unlink(missing_ok=True)
+    shutil.rmtree(out_dir / "additional_chat_templates", ignore_errors=True)
     tokenizer.save_pretrained(str(out_dir), save_jinja_files=False)
-    config_path = Path(out_dir) / "tokenizer_config.json"
+    config_path = out_dir / "tokenizer_config.json"
     config = json.loads(config_path.read_text(encoding="utf-8"))
     config["added_tokens_decoder"] = {
         str(index): {

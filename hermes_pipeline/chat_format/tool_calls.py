@@ -96,6 +96,28 @@ def render_tool_calls(calls: list[ToolCall]) -> str:
     return "\n".join(f"{CALL_OPEN}\n{call.to_json()}\n{CALL_CLOSE}" for call in calls)
 
 
+def parse_value(text: str, allow_python: bool = True) -> Any:
+    """One value read the way a ``<tool_call>`` body is read, as plain JSON data; ValueError says why not.
+
+    For callers holding a bare value rather than a block, such as the JSON-mode scorer, so that JSON
+    first, the literal fallback that never evaluates code, and the refusal of values JSON cannot carry
+    stay one rule.
+    """
+    try:
+        return _load(text.strip(), allow_python)
+    except _Malformed as problem:
+        raise ValueError(str(problem)) from None
+
+
+def call_from_value(value: Any) -> ToolCall:
+    """A call given as data (``{"name", "arguments"}``, as eval sets store the expected call), checked like
+    a parsed block; ValueError says why not."""
+    try:
+        return _call_from(_json_compatible(value))
+    except _Malformed as problem:
+        raise ValueError(str(problem)) from None
+
+
 def parse_tools(text: str) -> list[dict] | ToolCallError:
     """The tool definitions in a system prompt's ``<tools>`` block.
 

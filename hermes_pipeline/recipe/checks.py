@@ -112,6 +112,11 @@ def _check_tokenizer(recipe: Recipe) -> Iterator[Problem]:
 def _check_training_modes(recipe: Recipe) -> Iterator[Problem]:
     qlora_used = False
     for name, stage in training_stages(recipe).items():
+        if stage.mode != "full" and stage.init_from == "base" and recipe.model.init == "random":
+            yield (
+                f"{name}.mode",
+                f"{stage.mode} adapts trained weights; a model built from config (init: random) needs mode full",
+            )
         if stage.mode == "full" and stage.lora is not None:
             yield f"{name}.lora", "only used when mode is lora or qlora; remove it or change the mode"
         if stage.mode == "qlora":

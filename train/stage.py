@@ -1,0 +1,343 @@
+"""A training stage, SFT or DPO, from the recipe to a verified model in the run directory.
+
+Read top to bottom, it is the whole stage: check inputs, configure the trainer, load the model and the
+shards prep wrote, resume from the newest sealed checkpoint, train, evaluate, save into a temporary folder,
+check the saved model against the one in memory, rename it into place, and write the manifest last.
+Every rank runs this function; only rank 0 writes files outside the trainer's own saving.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+from datasets import Dataset
+from transformers import AutoTokenizer
+from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
+
+from hermes_pipeline.chat_format.tokens import save_tokenizer
+from hermes_pipeline.errors import StageInterrupted, UserError
+from hermes_pipeline.recipe.schema import DpoStage, Recipe, SftStage, TrainStage
+from hermes_pipeline.rundir import (
+    MANIFEST,
+    file_fingerprint,
+    is_complete,
+    stage_dir,
+    stage_fingerprint,
+    write_manifest,
+)
+from train.callbacks import MetricsLog, SealCheckpoints, StopOnSignal
+from train.checkpoints import checkpoint_step, checkpoints, latest_complete, remove_incomplete
+from train.data import load_split
+from train.launch import launched
+from train.model import (
+    MODEL_SUBDIR,
+    is_adapter,
+    load_model,
+    load_trained,
+    lora_config,
+    record_adapter_base,
+    starting_point,
+    whole_weights,
+)
+from train.plots import write_plots
+from train.tracking import configure_wandb, run_name
+
+StageName = Literal["sft", "dpo"]
+PROBE_ROWS = 2
+PROBE_TOKENS = 64
+# Saved weights must reproduce the in-memory model's logits this closely (fp32 reload of the same weights).
+VERIFY_TOLERANCE = {"fp32": 1e-4, "bf16": 5e-2, "fp16": 5e-2}
+
+
+class HermesDPOTrainer(DPOTrainer):
+    """TRL's DPOTrainer over prep's shards, which already hold prompt_ids, chosen_ids and rejected_ids.
+
+    TRL would tokenize conversations itself; ours were rendered by the Hermes template (tools and earlier
+    turns included) and tokenized once by data_prep, so its preparation step is skipped.
+    """
+
+    def _prepare_dataset(self, dataset: Dataset, *args: Any, **kwargs: Any) -> Dataset:
+        return dataset
+
+
+def check_ready(recipe: Recipe, name: StageName) -> None:
+    """What must hold before a stage starts, checked once before any process is launched."""
+    stage: TrainStage = getattr(recipe, name)
+    if not stage.enabled:
+        raise UserError(f"{name}.enabled is false in this recipe; nothing to train")
+    if stage.backend != "trl":
+        raise UserError(f"{name}.backend: {stage.backend} is not available in this version; use trl")
+    prep = stage_dir(recipe, "prep")
+    if not (prep / MANIFEST).is_file():
+        raise UserError(f"{prep}: no finished data prep; run `hermes-pipeline prep` with this recipe first")
+    source = starting_point(recipe, stage)
+    if stage.init_from in ("sft", "merge") and not (Path(str(source)).parent / MANIFEST).is_file():
+        raise UserError(
+            f"{name}.init_from is {stage.init_from} but that stage has not finished; run it first"
+        )
+
+
+def run_train(recipe: Recipe, name: StageName, force: bool = False, log: Any = print) -> Path:
+    check_ready(recipe, name)
+    stage: TrainStage = getattr(recipe, name)
+    out = stage_dir(recipe, name)
+    prep = stage_dir(recipe, "prep")
+    source = starting_point(recipe, stage)
+    fingerprint = stage_fingerprint(recipe, name, "model", "tokenizer", "seed")
+    inputs = _inputs(prep, source)
+    if not force and is_complete(out, fingerprint, inputs):
+        log(f"{name}: up to date in {out} (use --force to redo)")
+        return out
+    started = time.time()
+    checkpoint_dir = out / "checkpoints"
+    args = training_args(recipe, name)
+    if stage.deepspeed and launched():
+        import deepspeed
+
+        # ZeRO-3 partitions weights while they load, before the Trainer would bring DeepSpeed up.
+        deepspeed.init_distributed(dist_backend=args.ddp_backend or "nccl")
+    if args.process_index == 0:
+        _claim(out, checkpoint_dir, fingerprint, inputs, force)
+    _barrier()
+
+    trainer, stopper = build_trainer(recipe, name, args, source)
+    tokenizer = trainer.processing_class
+    train_set, val_set = trainer.train_dataset, trainer.eval_dataset
+
+    if args.process_index == 0:
+        removed = remove_incomplete(checkpoint_dir)
+        for folder in removed:
+            log(f"{name}: removed {folder.name}, cut off before it was complete")
+    _barrier()
+    resume = latest_complete(checkpoint_dir)
+    if resume is not None:
+        log(f"{name}: resuming from {resume.name}")
+    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    if stopper.stopped_at is not None:
+        raise StageInterrupted(
+            f"{name}: stopped by a signal at step {stopper.stopped_at} after saving a checkpoint; "
+            "run the same command again to resume"
+        )
+    eval_metrics = trainer.evaluate() if val_set is not None else {}
+
+    final = out / MODEL_SUBDIR
+    partial = final.with_name(final.name + ".partial")
+    probe = _probe(train_set if val_set is None else val_set, name)
+    expected = _logits(trainer.model, probe)
+    trainer.save_model(str(partial))
+    summary: dict[str, Any] = {}
+    if args.process_index == 0:
+        save_tokenizer(tokenizer, partial)
+        if is_adapter(partial):
+            record_adapter_base(partial, source)
+        with whole_weights():
+            reloaded = load_trained(recipe, stage, partial, tokenizer)
+        difference = float((_logits(reloaded, probe) - expected).abs().max())
+        if not difference <= VERIFY_TOLERANCE[stage.precision]:  # NaN fails too
+            raise RuntimeError(
+                f"{name}: the saved model's logits differ from the trained model's by {difference}"
+            )
+        shutil.rmtree(final, ignore_errors=True)
+        partial.rename(final)
+        plots = write_plots(out / "metrics.jsonl", name, out / "plots")
+        summary = _summary(trainer, result.metrics, eval_metrics, started, difference, resume, final, plots)
+        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+        write_manifest(
+            out, fingerprint, inputs, started, extra={"summary": summary}, skip=("checkpoints", "cache")
+        )
+        log(_format_summary(name, summary))
+    _barrier()
+    return out
+
+
+def build_trainer(
+    recipe: Recipe, name: StageName, args: SFTConfig | DPOConfig, source: str | None
+) -> tuple[SFTTrainer | HermesDPOTrainer, StopOnSignal]:
+    """The TRL trainer for a stage, over prep's tokenizer and shards, with our callbacks attached."""
+    stage: TrainStage = getattr(recipe, name)
+    prep = stage_dir(recipe, "prep")
+    out = stage_dir(recipe, name)
+    tokenizer = AutoTokenizer.from_pretrained(prep / "tokenizer")
+    model = load_model(recipe, stage, tokenizer, source)
+    cache = out / "cache"
+    stopper = StopOnSignal()
+    kwargs: dict[str, Any] = {
+        "model": model,
+        "args": args,
+        "train_dataset": load_split(prep, name, "train", cache),
+        "eval_dataset": load_split(prep, name, "val", cache),
+        "processing_class": tokenizer,
+        "callbacks": [SealCheckpoints(tokenizer), MetricsLog(out / "metrics.jsonl"), stopper],
+        "peft_config": lora_config(stage, tokenizer) if stage.mode != "full" else None,
+    }
+    if name == "sft":
+        return SFTTrainer(**kwargs), stopper
+    assert isinstance(stage, DpoStage)
+    ref_model = None
+    if stage.mode == "full" and not stage.precompute_ref_log_probs:
+        ref_model = load_model(recipe, stage, tokenizer, source)  # a frozen copy of the starting weights
+    return HermesDPOTrainer(ref_model=ref_model, **kwargs), stopper
+
+
+def _inputs(prep: Path, source: str | None) -> dict[str, str]:
+    """What the stage consumed: prep's manifest (which hashes every shard) and the starting model."""
+    inputs = {"prep": file_fingerprint(prep / MANIFEST)}
+    if source is not None:
+        manifest = Path(source).parent / MANIFEST
+        inputs["init"] = file_fingerprint(manifest) if manifest.is_file() else source
+    return inputs
+
+
+def _claim(out: Path, checkpoint_dir: Path, fingerprint: str, inputs: dict[str, str], force: bool) -> None:
+    """Tie the checkpoints to this recipe, so a changed recipe never silently resumes someone else's run."""
+    owner = checkpoint_dir / "OWNER.json"
+    claim = {"fingerprint": fingerprint, "inputs": inputs}
+    if force:
+        shutil.rmtree(out, ignore_errors=True)
+    elif (not owner.is_file() and checkpoints(checkpoint_dir)) or (
+        owner.is_file() and json.loads(owner.read_text(encoding="utf-8")) != claim
+    ):
+        raise UserError(
+            f"{checkpoint_dir} holds checkpoints of a different recipe or input; "
+            "re-run with --force to start this stage over"
+        )
+    (out / MANIFEST).unlink(missing_ok=True)
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    owner.write_text(json.dumps(claim, indent=2) + "\n", encoding="utf-8")
+
+
+def training_args(recipe: Recipe, name: StageName) -> SFTConfig | DPOConfig:
+    """Trainer settings from the recipe. Create them before the model: under ZeRO-3 they make
+    transformers partition the weights while loading instead of materialising them on every rank."""
+    stage: TrainStage = getattr(recipe, name)
+    out = stage_dir(recipe, name)
+    on_cpu = not torch.cuda.is_available()
+    common: dict[str, Any] = {
+        "output_dir": str(out / "checkpoints"),
+        "seed": recipe.seed,
+        "data_seed": recipe.seed,
+        "per_device_train_batch_size": stage.micro_batch_size,
+        "per_device_eval_batch_size": stage.micro_batch_size,
+        "gradient_accumulation_steps": stage.gradient_accumulation_steps,
+        "learning_rate": stage.learning_rate,
+        "lr_scheduler_type": stage.lr_scheduler,
+        "lr_scheduler_kwargs": {"min_lr_rate": 0.1} if stage.lr_scheduler == "cosine_with_min_lr" else None,
+        "warmup_steps": stage.warmup_ratio,  # a float below 1 is a fraction of the total steps
+        "num_train_epochs": stage.num_epochs,
+        "max_steps": stage.max_steps or -1,
+        "optim": stage.optimizer,
+        "weight_decay": stage.weight_decay,
+        "max_grad_norm": stage.max_grad_norm,
+        "bf16": stage.precision == "bf16",
+        "fp16": stage.precision == "fp16",
+        "gradient_checkpointing": stage.gradient_checkpointing,
+        "gradient_checkpointing_kwargs": {"use_reentrant": False},
+        "deepspeed": stage.deepspeed,
+        "save_strategy": "steps",
+        "save_steps": stage.save_steps,
+        "save_total_limit": stage.save_total_limit,
+        "logging_steps": stage.logging_steps,
+        "logging_first_step": True,
+        "eval_strategy": "no",
+        "include_num_input_tokens_seen": "non_padding",
+        "report_to": configure_wandb(recipe, out),
+        "run_name": run_name(recipe, name),
+        "use_cpu": on_cpu,
+        "ddp_backend": "gloo" if on_cpu and launched() else None,
+        "dataloader_num_workers": 0,
+        "max_length": recipe.data.max_seq_len,
+    }
+    if name == "sft":
+        assert isinstance(stage, SftStage)
+        # Packed rows keep their own position ids and attention never crosses a row boundary: varlen
+        # flash attention on GPU, a block-diagonal mask derived from the position ids with SDPA/eager.
+        return SFTConfig(packing=stage.packing, packing_strategy="bfd", padding_free=stage.packing, **common)
+    assert isinstance(stage, DpoStage)
+    return DPOConfig(
+        beta=stage.beta,
+        loss_type=[stage.loss_type],
+        precompute_ref_log_probs=stage.precompute_ref_log_probs,
+        **common,
+    )
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _probe(dataset: Dataset, name: StageName) -> torch.Tensor:
+    """A fixed batch of real token ids, the same on every rank, for checking the saved weights."""
+    column = "input_ids" if name == "sft" else "prompt_ids"
+    rows = [dataset[i][column][:PROBE_TOKENS] for i in range(min(PROBE_ROWS, len(dataset)))]
+    width = min(len(r) for r in rows)
+    return torch.tensor([r[:width] for r in rows])
+
+
+@torch.no_grad()
+def _logits(model: torch.nn.Module, probe: torch.Tensor) -> torch.Tensor:
+    was_training = model.training
+    model.eval()
+    device = next(p.device for p in model.parameters())
+    logits = model(input_ids=probe.to(device)).logits.float().cpu()
+    model.train(was_training)
+    return logits
+
+
+def _peak_memory_gib() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def _summary(
+    trainer: Any,
+    train_metrics: dict[str, float],
+    eval_metrics: dict[str, float],
+    started: float,
+    difference: float,
+    resume: Path | None,
+    final: Path,
+    plots: list[Path],
+) -> dict[str, Any]:
+    tokens = int(trainer.state.num_input_tokens_seen)
+    runtime = train_metrics.get("train_runtime", 0.0)
+    # train_runtime covers this process only; a resumed run's speed counts the tokens it saw itself.
+    before = json.loads((resume / "trainer_state.json").read_text())["num_input_tokens_seen"] if resume else 0
+    return {
+        "steps": trainer.state.global_step,
+        "resumed_from_step": checkpoint_step(resume) if resume else None,
+        "tokens_seen": tokens,
+        "tokens_per_second": round((tokens - before) / runtime, 1) if runtime else None,
+        "train_runtime_s": round(runtime, 2),
+        "wall_time_s": round(time.time() - started, 2),
+        "peak_memory_gib": round(_peak_memory_gib(), 3),
+        "world_size": trainer.args.world_size,
+        "train_loss": train_metrics.get("train_loss"),
+        "eval": eval_metrics,
+        "saved_logits_max_abs_diff": difference,
+        "model": str(final),
+        "plots": [str(p) for p in plots],
+    }
+
+
+def _format_summary(name: StageName, summary: dict[str, Any]) -> str:
+    lines = [
+        f"{name}: done in {summary['wall_time_s']:.0f} s, {summary['steps']} steps on {summary['world_size']} "
+        f"process(es)",
+        f"  tokens seen {summary['tokens_seen']:,} ({summary['tokens_per_second']} tokens/s), "
+        f"peak memory {summary['peak_memory_gib']:.2f} GiB per process",
+    ]
+    for key in ("eval_loss", "eval_rewards/accuracies", "eval_rewards/margins"):
+        if key in summary["eval"]:
+            lines.append(f"  {key}: {summary['eval'][key]:.4f}")
+    lines.append(f"  model: {summary['model']}")
+    lines.append(f"  curves: {', '.join(summary['plots']) or 'none'}")
+    return "\n".join(lines)
