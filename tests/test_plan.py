@@ -64,7 +64,8 @@ def test_merge_runs_before_the_stage_that_starts_from_it() -> None:
 
 
 def test_lora_adds_a_merge_stage_and_trains_only_adapters() -> None:
-    plan = build_plan(load_recipe(RECIPES / "tiny.yaml", ["sft.mode=lora"]))
+    pretrained = ["model.init=pretrained", "model.name_or_path=mistralai/Mistral-7B-v0.1"]
+    plan = build_plan(load_recipe(RECIPES / "tiny.yaml", ["sft.mode=lora", *pretrained]))
     assert "merge_lora" in [s.name for s in plan.stages]
     sft = plan.stages[1].training
     assert 0 < sft.trainable_parameters < plan.total_parameters / 2

@@ -91,7 +91,15 @@ SLERP_THREE = {
     "base_model": "a/b",
     "parameters": {"t": 0.5},
 }
+
+
 # (id, mutation of tiny.yaml, expected key path, expected words in the message)
+def _pretrained(raw: dict) -> None:
+    """LoRA and QLoRA adapt trained weights: start from a Hub model (its config stays the local file)."""
+    _set("model.init", "pretrained")(raw)
+    _set("model.name_or_path", "mistralai/Mistral-7B-v0.1")(raw)
+
+
 BROKEN: list[tuple[str, Callable[[dict], None], str, str]] = [
     ("unknown top-level key", _set("sftt", {"learning_rate": 1e-5}), "sftt", "did you mean 'sft'"),
     ("unknown nested key", _set("sft.learning_rat", 1e-5), "sft.learning_rat", "did you mean 'learning_rate'"),
@@ -105,8 +113,9 @@ BROKEN: list[tuple[str, Callable[[dict], None], str, str]] = [
     ("slerp of three models", _set("merge.models", SLERP_THREE), "merge.models.models", "exactly two models (got 3)"),
     ("sequence beyond context", _set("data.max_seq_len", 4096), "data.max_seq_len", "beyond the model's context of 2048"),
     ("unknown gguf type", _set("export.gguf_types", ["f16", "Q4_K_MM"]), "export.gguf_types[1]", "did you mean 'q4_k_m'"),
-    ("qlora without GPUs", lambda r: (_set("sft.mode", "qlora")(r), _set("sft.precision", "bf16")(r)), "sft.mode", "qlora needs GPUs"),
-    ("qlora in fp32", lambda r: (_set("sft.mode", "qlora")(r), _set("sft.resources.gpus_per_node", 1)(r)), "sft.precision", "qlora computes in bf16 or fp16"),
+    ("qlora without GPUs", lambda r: (_pretrained(r), _set("sft.mode", "qlora")(r), _set("sft.precision", "bf16")(r)), "sft.mode", "qlora needs GPUs"),
+    ("qlora in fp32", lambda r: (_pretrained(r), _set("sft.mode", "qlora")(r), _set("sft.resources.gpus_per_node", 1)(r)), "sft.precision", "qlora computes in bf16 or fp16"),
+    ("lora on a model built from config", _set("sft.mode", "lora"), "sft.mode", "needs mode full"),
     ("lora settings on a full fine-tune", _set("sft.lora", {"r": 8}), "sft.lora", "only used when mode is lora"),
     ("duplicate source name", _add_source(name="openhermes", kind="openhermes", path="../../data/tiny/openhermes.json"), "data.sources", "used 2 times"),
     ("mode on a json_mode source", _set("data.sources.2.mode", "canonical"), "data.sources[2].mode", "only function_calling"),
