@@ -554,17 +554,28 @@ def run_dpo(
 # --- 3. summaries --------------------------------------------------------------------------------------
 
 
-def summarize_sft(run: dict[str, Any], warmup: int) -> dict[str, Any]:
-    """Figures over the steps after the warm-up steps (the first steps allocate optimizer state and caches)."""
+def timed_steps(run: dict[str, Any], warmup: int) -> tuple[list[dict[str, Any]], float, dict[str, Any]]:
+    """The steps after the warm-up (the first steps allocate optimizer state and caches), their seconds,
+    and the timing figures every summary shares."""
     steps = run["steps"][warmup:]
     seconds = sum(s["seconds"] for s in steps)
-    real = sum(s["real_tokens"] for s in steps)
-    positions = sum(s["positions"] for s in steps)
-    return {
+    common = {
         "timed_steps": len(steps),
         "seconds": seconds,
         "step_seconds_median": statistics.median(s["seconds"] for s in steps),
         "warmup_step_seconds": [round(s["seconds"], 3) for s in run["steps"][:warmup]],
+        "cores_used": sum(s["cpu_seconds"] for s in steps) / seconds,
+        "build_seconds": round(run["build_seconds"], 2),
+    }
+    return steps, seconds, common
+
+
+def summarize_sft(run: dict[str, Any], warmup: int) -> dict[str, Any]:
+    steps, seconds, common = timed_steps(run, warmup)
+    real = sum(s["real_tokens"] for s in steps)
+    positions = sum(s["positions"] for s in steps)
+    return {
+        **common,
         "rows_per_step": statistics.fmean(s["rows"] for s in steps),
         "positions_per_step": positions / len(steps),
         "real_tokens_per_step": real / len(steps),
@@ -572,31 +583,23 @@ def summarize_sft(run: dict[str, Any], warmup: int) -> dict[str, Any]:
         "attention_scores_per_step": statistics.fmean(s["attention_scores"] for s in steps),
         "attention_scores_needed_per_step": statistics.fmean(s["attention_scores_needed"] for s in steps),
         "padding_fraction": 1 - real / positions,
-        "cores_used": sum(s["cpu_seconds"] for s in steps) / seconds,
         "real_tokens_per_s": real / seconds,
         "real_tokens_per_s_median_step": statistics.median(s["real_tokens"] / s["seconds"] for s in steps),
         "loss_tokens_per_s": sum(s["loss_tokens"] for s in steps) / seconds,
         "rows_per_s": sum(s["rows"] for s in steps) / seconds,
-        "build_seconds": round(run["build_seconds"], 2),
         "train_sequences": run["train_sequences"],
     }
 
 
 def summarize_dpo(run: dict[str, Any], warmup: int, micro_batch: int) -> dict[str, Any]:
-    steps = run["steps"][warmup:]
-    seconds = sum(s["seconds"] for s in steps)
+    steps, seconds, common = timed_steps(run, warmup)
     return {
-        "timed_steps": len(steps),
-        "seconds": seconds,
-        "step_seconds_median": statistics.median(s["seconds"] for s in steps),
-        "warmup_step_seconds": [round(s["seconds"], 3) for s in run["steps"][:warmup]],
+        **common,
         "steps_per_s": len(steps) / seconds,
         "pairs_per_s": len(steps) * micro_batch / seconds,
-        "cores_used": sum(s["cpu_seconds"] for s in steps) / seconds,
         "real_tokens_per_step": statistics.fmean(s["real_tokens"] for s in steps),
         "padding_fraction": 1 - sum(s["real_tokens"] for s in steps) / sum(s["positions"] for s in steps),
         "pairs": run["pairs"],
-        "build_seconds": round(run["build_seconds"], 2),
     }
 
 

@@ -19,14 +19,10 @@ from transformers import (
 
 from hermes_pipeline.chat_format.tokens import save_tokenizer
 from train.checkpoints import SEAL
+from train.launch import barrier
 
 # SLURM sends USR1 ahead of the time limit when asked (--signal=B:USR1@300); TERM comes with preemption.
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
-
-
-def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
 
 
 class SealCheckpoints(TrainerCallback):
@@ -38,12 +34,12 @@ class SealCheckpoints(TrainerCallback):
     def on_save(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **_: Any
     ) -> None:
-        _barrier()
+        barrier()
         if state.is_world_process_zero:
             folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             save_tokenizer(self.tokenizer, folder)
             (folder / SEAL).write_text(f"{state.global_step}\n", encoding="utf-8")
-        _barrier()
+        barrier()
 
 
 class MetricsLog(TrainerCallback):

@@ -12,6 +12,7 @@ import sys
 from collections.abc import Sequence
 
 import torch
+import torch.distributed as dist
 
 from hermes_pipeline.errors import UserError
 from hermes_pipeline.recipe.schema import Resources
@@ -20,6 +21,12 @@ from hermes_pipeline.recipe.schema import Resources
 def launched() -> bool:
     """True inside a process started by a distributed launcher."""
     return "LOCAL_RANK" in os.environ
+
+
+def barrier() -> None:
+    """Wait for every rank; a no-op in a single process."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
 
 
 def configure_devices(resources: Resources, key: str) -> None:

@@ -16,7 +16,7 @@ from hermes_pipeline.chat_format.tokens import CHAT_TOKENS, IM_END
 from hermes_pipeline.errors import UserError
 from hermes_pipeline.model_info import load_model_config
 from hermes_pipeline.recipe.schema import LoraSection, Recipe, TrainStage
-from hermes_pipeline.rundir import stage_dir
+from hermes_pipeline.rundir import MANIFEST, stage_dir
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 ADAPTER_CONFIG = "adapter_config.json"
@@ -33,6 +33,12 @@ def starting_point(recipe: Recipe, stage: TrainStage) -> str | None:
     if ref == "base":
         return recipe.model.name_or_path if recipe.model.init == "pretrained" else None
     return ref
+
+
+def upstream_manifest(recipe: Recipe, stage: TrainStage) -> Path | None:
+    """The manifest of the stage whose output this stage starts from; None when it starts from a model."""
+    ref = stage.init_from
+    return stage_dir(recipe, ref) / MANIFEST if ref in ("sft", "merge") else None
 
 
 def load_model(

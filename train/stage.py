@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-import torch.distributed as dist
 from datasets import Dataset
 from transformers import AutoTokenizer
 from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
@@ -35,7 +34,7 @@ from hermes_pipeline.rundir import (
 from train.callbacks import MetricsLog, SealCheckpoints, StopOnSignal
 from train.checkpoints import checkpoint_step, checkpoints, latest_complete, remove_incomplete
 from train.data import load_split
-from train.launch import launched
+from train.launch import barrier, launched
 from train.model import (
     MODEL_SUBDIR,
     is_adapter,
@@ -44,6 +43,7 @@ from train.model import (
     lora_config,
     record_adapter_base,
     starting_point,
+    upstream_manifest,
     whole_weights,
 )
 from train.plots import write_plots
@@ -77,8 +77,8 @@ def check_ready(recipe: Recipe, name: StageName) -> None:
     prep = stage_dir(recipe, "prep")
     if not (prep / MANIFEST).is_file():
         raise UserError(f"{prep}: no finished data prep; run `hermes-pipeline prep` with this recipe first")
-    source = starting_point(recipe, stage)
-    if stage.init_from in ("sft", "merge") and not (Path(str(source)).parent / MANIFEST).is_file():
+    upstream = upstream_manifest(recipe, stage)
+    if upstream is not None and not upstream.is_file():
         raise UserError(
             f"{name}.init_from is {stage.init_from} but that stage has not finished; run it first"
         )
@@ -91,7 +91,7 @@ def run_train(recipe: Recipe, name: StageName, force: bool = False, log: Any = p
     prep = stage_dir(recipe, "prep")
     source = starting_point(recipe, stage)
     fingerprint = stage_fingerprint(recipe, name, "model", "tokenizer", "seed")
-    inputs = _inputs(prep, source)
+    inputs = _inputs(prep, source, upstream_manifest(recipe, stage))
     if not force and is_complete(out, fingerprint, inputs):
         log(f"{name}: up to date in {out} (use --force to redo)")
         return out
@@ -105,7 +105,7 @@ def run_train(recipe: Recipe, name: StageName, force: bool = False, log: Any = p
         deepspeed.init_distributed(dist_backend=args.ddp_backend or "nccl")
     if args.process_index == 0:
         _claim(out, checkpoint_dir, fingerprint, inputs, force)
-    _barrier()
+    barrier()
 
     trainer, stopper = build_trainer(recipe, name, args, source)
     tokenizer = trainer.processing_class
@@ -115,7 +115,7 @@ def run_train(recipe: Recipe, name: StageName, force: bool = False, log: Any = p
         removed = remove_incomplete(checkpoint_dir)
         for folder in removed:
             log(f"{name}: removed {folder.name}, cut off before it was complete")
-    _barrier()
+    barrier()
     resume = latest_complete(checkpoint_dir)
     if resume is not None:
         log(f"{name}: resuming from {resume.name}")
@@ -153,7 +153,7 @@ def run_train(recipe: Recipe, name: StageName, force: bool = False, log: Any = p
             out, fingerprint, inputs, started, extra={"summary": summary}, skip=("checkpoints", "cache")
         )
         log(_format_summary(name, summary))
-    _barrier()
+    barrier()
     return out
 
 
@@ -186,12 +186,14 @@ def build_trainer(
     return HermesDPOTrainer(ref_model=ref_model, **kwargs), stopper
 
 
-def _inputs(prep: Path, source: str | None) -> dict[str, str]:
-    """What the stage consumed: prep's manifest (which hashes every shard) and the starting model."""
+def _inputs(prep: Path, source: str | None, upstream: Path | None) -> dict[str, str]:
+    """What the stage consumed: prep's manifest (which hashes every shard) and the starting model, by its
+    stage's manifest when another stage made it, else by name."""
     inputs = {"prep": file_fingerprint(prep / MANIFEST)}
-    if source is not None:
-        manifest = Path(source).parent / MANIFEST
-        inputs["init"] = file_fingerprint(manifest) if manifest.is_file() else source
+    if upstream is not None:
+        inputs["init"] = file_fingerprint(upstream)
+    elif source is not None:
+        inputs["init"] = source
     return inputs
 
 
@@ -266,11 +268,6 @@ def training_args(recipe: Recipe, name: StageName) -> SFTConfig | DPOConfig:
         precompute_ref_log_probs=stage.precompute_ref_log_probs,
         **common,
     )
-
-
-def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
 
 
 def _probe(dataset: Dataset, name: StageName) -> torch.Tensor:
