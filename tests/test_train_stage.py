@@ -105,7 +105,7 @@ def _wait_for_seal(process: subprocess.Popen[str], checkpoint: Path) -> None:
 
 
 def test_a_killed_run_resumes_to_the_same_weights(tmp_path: Path, prep_dir: Path) -> None:
-    steps = {"max_steps": 8, "save_steps": 2}
+    steps = {"max_steps": 12, "save_steps": 2}
     straight, straight_run = _setup(tmp_path / "straight", prep_dir, sft=steps)
     cli("train", "sft", str(straight))
 
@@ -113,17 +113,17 @@ def test_a_killed_run_resumes_to_the_same_weights(tmp_path: Path, prep_dir: Path
     kill_after = random.choice([2, 4, 6])
     process = _popen(killed)
     _wait_for_seal(process, killed_run / "sft" / "checkpoints" / f"checkpoint-{kill_after}")
-    time.sleep(random.uniform(0, 1.0))  # anywhere in the next step or the next save
+    time.sleep(random.uniform(0, 0.3))  # anywhere in the next step or the next save, well before the end
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
     assert not (killed_run / "sft" / "MANIFEST.json").exists(), "a killed stage must not look finished"
-    cut_off = killed_run / "sft" / "checkpoints" / "checkpoint-7"
+    cut_off = killed_run / "sft" / "checkpoints" / "checkpoint-11"
     cut_off.mkdir(exist_ok=True)
     (cut_off / "config.json").write_text("{")  # what a kill in the middle of a save leaves
 
     cli("train", "sft", str(killed))
     summary = json.loads((killed_run / "sft" / "summary.json").read_text())
-    assert kill_after <= summary["resumed_from_step"] < 8, f"killed after step {kill_after}"
+    assert kill_after <= summary["resumed_from_step"] < 12, f"killed after step {kill_after}"
     assert not cut_off.exists()
     expected, resumed = _weights(straight_run / "sft" / "model"), _weights(killed_run / "sft" / "model")
     assert expected.keys() == resumed.keys()

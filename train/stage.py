@@ -119,6 +119,8 @@ def run_train(recipe: Recipe, name: StageName, force: bool = False, log: Any = p
     resume = latest_complete(checkpoint_dir)
     if resume is not None:
         log(f"{name}: resuming from {resume.name}")
+    # Read now: the checkpoint may be rotated away while training goes on.
+    tokens_before = _tokens_seen(resume)
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     if stopper.stopped_at is not None:
         raise StageInterrupted(
@@ -147,7 +149,9 @@ def run_train(recipe: Recipe, name: StageName, force: bool = False, log: Any = p
         shutil.rmtree(final, ignore_errors=True)
         partial.rename(final)
         plots = write_plots(out / "metrics.jsonl", name, out / "plots")
-        summary = _summary(trainer, result.metrics, eval_metrics, started, difference, resume, final, plots)
+        summary = _summary(
+            trainer, result.metrics, eval_metrics, started, difference, resume, tokens_before, final, plots
+        )
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
         write_manifest(
             out, fingerprint, inputs, started, extra={"summary": summary}, skip=("checkpoints", "cache")
@@ -294,6 +298,12 @@ def _peak_memory_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
+def _tokens_seen(checkpoint: Path | None) -> int:
+    if checkpoint is None:
+        return 0
+    return int(json.loads((checkpoint / "trainer_state.json").read_text())["num_input_tokens_seen"])
+
+
 def _summary(
     trainer: Any,
     train_metrics: dict[str, float],
@@ -301,18 +311,18 @@ def _summary(
     started: float,
     difference: float,
     resume: Path | None,
+    tokens_before: int,
     final: Path,
     plots: list[Path],
 ) -> dict[str, Any]:
+    """train_runtime covers this process only, so a resumed run's speed counts only the tokens it saw."""
     tokens = int(trainer.state.num_input_tokens_seen)
     runtime = train_metrics.get("train_runtime", 0.0)
-    # train_runtime covers this process only; a resumed run's speed counts the tokens it saw itself.
-    before = json.loads((resume / "trainer_state.json").read_text())["num_input_tokens_seen"] if resume else 0
     return {
         "steps": trainer.state.global_step,
         "resumed_from_step": checkpoint_step(resume) if resume else None,
         "tokens_seen": tokens,
-        "tokens_per_second": round((tokens - before) / runtime, 1) if runtime else None,
+        "tokens_per_second": round((tokens - tokens_before) / runtime, 1) if runtime else None,
         "train_runtime_s": round(runtime, 2),
         "wall_time_s": round(time.time() - started, 2),
         "peak_memory_gib": round(_peak_memory_gib(), 3),
