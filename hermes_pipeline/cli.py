@@ -9,7 +9,7 @@ import argparse
 import json
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from hermes_pipeline import __version__
 from hermes_pipeline.errors import StageInterrupted, UserError
@@ -25,6 +25,10 @@ def _add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="override a recipe value, e.g. --set sft.learning_rate=1e-5 (repeatable)",
     )
+
+
+def _add_force_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--force", action="store_true", help="redo the stage even if a finished one matches")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
         "prep", help="convert, mix, tokenize and mask the recipe's data into the run directory"
     )
     _add_recipe_arguments(prep)
-    prep.add_argument("--force", action="store_true", help="redo the stage even if a finished one matches")
+    _add_force_argument(prep)
     prep.add_argument(
         "--inspect",
         type=int,
@@ -69,30 +73,14 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--force", action="store_true", help="discard checkpoints and outputs; start over")
     train.set_defaults(handler=_train)
 
-    evaluate = commands.add_parser(
-        "eval", help="score function calling and JSON mode as the Hermes 2 Pro card does"
-    )
-    kinds = evaluate.add_subparsers(dest="kind", required=True, metavar="KIND")
-    for kind, what in (("function-calling", "tool calls"), ("json-mode", "JSON answers")):
-        scorer = kinds.add_parser(kind, help=f"score {what} produced elsewhere (--predictions)")
-        scorer.add_argument(
-            "--predictions",
-            required=True,
-            metavar="FILE",
-            help="JSONL of eval rows in their Hub schema plus `output`, the model's raw assistant text",
-        )
-        scorer.add_argument(
-            "--out", required=True, metavar="DIR", help="where samples, results and DPO pairs go"
-        )
-        if kind == "function-calling":
-            scorer.add_argument(
-                "--lenient",
-                action="store_true",
-                help="also report a separate number that accepts Python-dict calls (the default is strict JSON)",
-            )
-        scorer.set_defaults(handler=_eval)
+    _add_merge_commands(commands)
+    _add_eval_commands(commands)
+    _add_slurm_commands(commands)
 
-    run = commands.add_parser("run", help="run every enabled stage of a recipe in order: prep, sft, dpo")
+    run = commands.add_parser(
+        "run",
+        help="run every enabled stage of a recipe in order: prep, merge, sft, dpo, package, export, evals",
+    )
     _add_recipe_arguments(run)
     run.set_defaults(handler=_run)
     return parser
@@ -139,29 +127,338 @@ def _train(args: argparse.Namespace) -> None:
     run_train(recipe, args.stage, force=args.force)
 
 
+def _add_merge_commands(commands: argparse._SubParsersAction) -> None:
+    merge = commands.add_parser(
+        "merge", help="merge LoRA adapters into their base, or merge models (mergekit)"
+    )
+    kinds = merge.add_subparsers(dest="kind", required=True, metavar="KIND")
+    lora = kinds.add_parser(
+        "lora",
+        help="merge an adapter into its base shard by shard, verified against the PEFT model",
+        description="Either RECIPE (merges the last LoRA stage's adapter into runs/<name>/<stage>/merged) "
+        "or --adapter and --out (and --base when the adapter does not record it).",
+    )
+    lora.add_argument("recipe", nargs="?", help="recipe YAML whose last training stage is LoRA/QLoRA")
+    lora.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    lora.add_argument("--adapter", metavar="DIR", help="a peft adapter folder")
+    lora.add_argument("--base", metavar="DIR_OR_HUB_ID", help="the model the adapter was trained on")
+    lora.add_argument("--out", metavar="DIR", help="where the merged model goes")
+    lora.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
+    lora.add_argument(
+        "--dequantized-base",
+        action="store_true",
+        help="QLoRA: merge into the dequantised 4-bit base the adapter trained against (default: 16-bit base)",
+    )
+    lora.set_defaults(handler=_merge_lora)
+
+    models = kinds.add_parser("models", help="run the recipe's merge.models section through mergekit")
+    _add_recipe_arguments(models)
+    _add_force_argument(models)
+    models.set_defaults(handler=_merge_models)
+
+    package = commands.add_parser(
+        "package", help="write the downloadable model: shards, EOS, templates, model card, manifest"
+    )
+    _add_recipe_arguments(package)
+    _add_force_argument(package)
+    package.set_defaults(handler=_package)
+
+    export = commands.add_parser("export", help="export to GGUF with llama.cpp, verifying every file")
+    formats = export.add_subparsers(dest="format", required=True, metavar="FORMAT")
+    gguf = formats.add_parser(
+        "gguf",
+        help="convert and quantize a model (or a recipe's packaged model) to GGUF",
+        description="TARGET is a recipe YAML (exports runs/<name>/final to runs/<name>/gguf with the "
+        "recipe's types) or a model folder (with --types and --out).",
+    )
+    gguf.add_argument("target", help="recipe YAML or model folder")
+    gguf.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    gguf.add_argument("--types", help="comma-separated GGUF types, e.g. f16,q8_0,q4_k_m,q5_k_m")
+    gguf.add_argument("--out", metavar="DIR", help="output folder for a model folder TARGET")
+    _add_force_argument(gguf)
+    gguf.set_defaults(handler=_export_gguf)
+
+
+def _merge_lora(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from merge.lora import adapter_chain, write_merged_model
+    from merge.shards import parse_size
+
+    if args.recipe is not None:
+        from hermes_pipeline.recipe.loader import load_recipe
+        from merge.lora import run_merge_lora
+
+        run_merge_lora(load_recipe(args.recipe, args.overrides))
+        return
+    if args.adapter is None or args.out is None:
+        raise UserError("merge lora: give a RECIPE, or --adapter DIR and --out DIR (and --base if needed)")
+    base, chain = adapter_chain(Path(args.adapter), args.base)
+    write_merged_model(
+        base, chain, Path(args.out), parse_size(args.max_shard_size), dequantize=args.dequantized_base
+    )
+
+
+def _merge_models(args: argparse.Namespace) -> None:
+    from hermes_pipeline.recipe.loader import load_recipe
+    from merge.models import run_model_merge
+
+    run_model_merge(load_recipe(args.recipe, args.overrides), force=args.force)
+
+
+def _package(args: argparse.Namespace) -> None:
+    from hermes_pipeline.recipe.loader import load_recipe
+    from merge.package import run_package
+
+    run_package(load_recipe(args.recipe, args.overrides), force=args.force)
+
+
+def _export_gguf(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    target = Path(args.target)
+    if target.is_dir():
+        from merge.gguf import export_gguf
+
+        types = (args.types or "f16,q8_0,q4_k_m").split(",")
+        out = Path(args.out) if args.out else target.with_name(target.name + "-gguf")
+        export_gguf(target, out, types, target.name)
+        return
+    from hermes_pipeline.recipe.loader import load_recipe
+    from merge.gguf import run_export
+
+    overrides = list(args.overrides)
+    if args.types:
+        overrides.append(f"export.gguf_types=[{args.types}]")
+    run_export(load_recipe(args.target, overrides), force=args.force)
+
+
+def _add_eval_commands(commands: argparse._SubParsersAction) -> None:
+    from hermes_pipeline.recipe.schema import EvalSection
+
+    evaluate = commands.add_parser(
+        "eval", help="function calling and JSON mode as the Hermes 2 Pro card scores them, lm-eval suites"
+    )
+    kinds = evaluate.add_subparsers(dest="kind", required=True, metavar="KIND")
+    default_sets = {
+        "function-calling": EvalSection.model_fields["function_calling_sets"].default[0],
+        "json-mode": EvalSection.model_fields["json_mode_set"].default,
+    }
+    for kind, what in (("function-calling", "tool calls"), ("json-mode", "JSON answers")):
+        scorer = kinds.add_parser(
+            kind,
+            help=f"generate and score {what}: MODEL, --endpoint URL, or --predictions FILE made elsewhere",
+        )
+        scorer.add_argument(
+            "model",
+            nargs="?",
+            metavar="MODEL",
+            help="a model directory or Hub id (transformers) or a .gguf file (llama.cpp); "
+            "with --endpoint, the served model's name",
+        )
+        scorer.add_argument(
+            "--endpoint",
+            metavar="URL",
+            help="an OpenAI-compatible server: its /v1 base (our rendered prompt to /completions) "
+            "or its /v1/chat/completions URL (our system prompt as messages)",
+        )
+        scorer.add_argument(
+            "--predictions",
+            metavar="FILE",
+            help="score this instead of generating: eval rows in their Hub schema plus `output`, "
+            "the model's raw assistant text",
+        )
+        scorer.add_argument(
+            "--out", required=True, metavar="DIR", help="where predictions, samples, results and DPO pairs go"
+        )
+        scorer.add_argument(
+            "--data",
+            default=default_sets[kind],
+            metavar="SET",
+            help=f"eval set: a Hub id or a local file (default {default_sets[kind]})",
+        )
+        scorer.add_argument("--limit", type=_positive_int, metavar="N", help="only the first N rows")
+        scorer.add_argument(
+            "--temperature",
+            type=float,
+            default=EvalSection.model_fields["temperature"].default,
+            help="sampling temperature; 0 is greedy (default: the published %(default)s)",
+        )
+        scorer.add_argument("--seed", type=int, default=0, help="sampling seed (default %(default)s)")
+        scorer.add_argument(
+            "--batch-size", type=_positive_int, default=8, help="prompts per batch or requests in flight"
+        )
+        scorer.add_argument("--max-new-tokens", type=_positive_int, default=512, help="answer length limit")
+        if kind == "function-calling":
+            scorer.add_argument(
+                "--lenient",
+                action="store_true",
+                help="also report a separate number that accepts Python-dict calls (the default is strict JSON)",
+            )
+        scorer.set_defaults(handler=_eval)
+
+    harness = kinds.add_parser("harness", help="the model cards' lm-evaluation-harness suites on a model")
+    harness.add_argument("model", metavar="MODEL", help="a model directory or Hub id")
+    chosen = harness.add_mutually_exclusive_group(required=True)
+    chosen.add_argument("--suite", choices=["gpt4all", "agieval", "bigbench", "truthfulqa", "all"])
+    chosen.add_argument("--tasks", metavar="T1,T2", help="other lm-eval tasks, run as one suite")
+    harness.add_argument("--include-path", metavar="DIR", help="a folder of extra lm-eval task YAML files")
+    harness.add_argument(
+        "--limit", type=_positive_int, metavar="N", help="only the first N documents per task"
+    )
+    harness.add_argument("--batch-size", type=_positive_int, default=8, help="lm-eval batch size")
+    harness.add_argument("--seed", type=int, default=0, help="lm-eval's random seeds (default %(default)s)")
+    harness.add_argument("--out", metavar="DIR", help="also write the results there as results.json")
+    harness.set_defaults(handler=_eval_harness)
+
+    stage = kinds.add_parser("stage", help="the recipe's eval suites on the model a stage left behind")
+    stage.add_argument(
+        "--after",
+        required=True,
+        choices=["base", "sft", "dpo", "merge", "package", "export"],
+        help="the stage whose model to evaluate (base: the recipe's starting model)",
+    )
+    _add_recipe_arguments(stage)
+    _add_force_argument(stage)
+    stage.set_defaults(handler=_eval_stage)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def _eval(args: argparse.Namespace) -> None:
     from evals.predictions import format_results, score_predictions
 
     kind = args.kind.replace("-", "_")
-    results = score_predictions(args.predictions, kind, args.out, lenient=getattr(args, "lenient", False))
+    lenient = getattr(args, "lenient", False)
+    if args.predictions is not None:
+        if args.model is not None or args.endpoint is not None:
+            raise UserError("--predictions scores answers made elsewhere; drop MODEL and --endpoint, or it")
+        results = score_predictions(args.predictions, kind, args.out, lenient=lenient)
+    else:
+        from evals.backends import Sampling, open_backend
+        from evals.generate import evaluate
+
+        if not 0 <= args.temperature <= 2:
+            raise UserError(f"--temperature {args.temperature}: must be between 0 and 2")
+        sampling = Sampling(args.temperature, args.seed, args.max_new_tokens, args.batch_size)
+        backend = open_backend(args.model, args.endpoint, sampling)
+        results = evaluate(backend, kind, args.data, args.out, limit=args.limit, lenient=lenient)
     print(format_results(results))
 
 
-def _run(args: argparse.Namespace) -> None:
-    """Each training stage runs as its own command, so it can start one process per device and frees its
-    memory before the next stage."""
-    from data_prep.pipeline import run_prep
-    from hermes_pipeline.recipe.checks import training_stages
+def _eval_harness(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from evals.harness import SUITES, Suite, format_suite, run_suites
+
+    if args.tasks is not None:
+        suites = {"tasks": Suite(tuple(task.strip() for task in args.tasks.split(",") if task.strip()))}
+    else:
+        suites = {name: SUITES[name] for name in (SUITES if args.suite == "all" else [args.suite])}
+    results = run_suites(
+        args.model,
+        suites,
+        batch_size=args.batch_size,
+        limit=args.limit,
+        include_path=args.include_path,
+        seed=args.seed,
+    )
+    print("\n\n".join(format_suite(name, result) for name, result in results.items()))
+    if args.out is not None:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+
+
+def _eval_stage(args: argparse.Namespace) -> None:
+    from evals.stage import run_eval_stage
     from hermes_pipeline.recipe.loader import load_recipe
 
+    run_eval_stage(load_recipe(args.recipe, args.overrides), args.after, force=args.force)
+
+
+def _run(args: argparse.Namespace) -> None:
+    """Each stage runs as its own command, as it would in a cluster job: a training stage starts one
+    process per device, and every stage frees its memory before the next one starts. A finished stage
+    whose inputs have not changed is skipped by the stage itself."""
+    from hermes_pipeline.recipe.loader import load_recipe
+    from hermes_pipeline.stages import recipe_stages
+
     recipe = load_recipe(args.recipe, args.overrides)
-    run_prep(recipe)
-    overrides = [arg for override in args.overrides for arg in ("--set", override)]
-    for name in training_stages(recipe):
-        command = [sys.executable, "-m", "hermes_pipeline.cli", "train", name, args.recipe, *overrides]
-        code = subprocess.call(command)
+    for stage in recipe_stages(recipe, args.recipe, args.overrides):
+        print(f"== {stage.name}: hermes-pipeline {' '.join(stage.command)}", flush=True)
+        code = subprocess.call([sys.executable, "-m", "hermes_pipeline.cli", *stage.command])
         if code != 0:
             sys.exit(code)
+
+
+def _add_slurm_commands(commands: argparse._SubParsersAction) -> None:
+    slurm = commands.add_parser("slurm", help="run a recipe as chained SLURM jobs, and follow them")
+    actions = slurm.add_subparsers(dest="action", required=True, metavar="ACTION")
+    submit = actions.add_parser(
+        "submit",
+        help="write one sbatch script per stage into the run directory and submit them chained (afterok)",
+    )
+    _add_recipe_arguments(submit)
+    submit.add_argument(
+        "--stages",
+        type=lambda text: tuple(name.strip() for name in text.split(",") if name.strip()),
+        default=(),
+        metavar="LIST",
+        help="comma-separated subset, e.g. prep,sft,dpo,merge,export,eval (merge includes packaging; "
+        "default: every stage)",
+    )
+    submit.add_argument("--nodes", type=_at_least(1), metavar="N", help="nodes per training stage")
+    submit.add_argument("--gpus-per-node", type=_at_least(0), metavar="G", help="GPUs per training node")
+    submit.add_argument("--partition", metavar="P", help="instead of the site config's partition")
+    submit.add_argument("--account", metavar="A", help="instead of the site config's account")
+    submit.add_argument("--time", metavar="T", help="time limit of every job, e.g. 48:00:00")
+    submit.add_argument("--dry-run", action="store_true", help="print the scripts; submit nothing")
+    submit.set_defaults(handler=_slurm_submit)
+    status = actions.add_parser("status", help="each stage's job id, SLURM state, manifest and log")
+    status.add_argument("run_dir", metavar="RUN_DIR", help="the recipe's run directory, e.g. runs/tiny")
+    status.set_defaults(handler=_slurm_status)
+
+
+def _at_least(low: int) -> Callable[[str], int]:
+    """An argparse type for whole numbers from ``low`` up, so a bad --nodes is a one-line usage error."""
+
+    def parse(text: str) -> int:
+        if not text.isdigit() or int(text) < low:
+            raise argparse.ArgumentTypeError(f"expected a whole number >= {low}, got {text!r}")
+        return int(text)
+
+    return parse
+
+
+def _slurm_submit(args: argparse.Namespace) -> None:
+    from slurm.submit import SubmitRequest, submit
+
+    request = SubmitRequest(
+        recipe=args.recipe,
+        overrides=tuple(args.overrides),
+        stages=args.stages,
+        nodes=args.nodes,
+        gpus_per_node=args.gpus_per_node,
+        partition=args.partition,
+        account=args.account,
+        time=args.time,
+        dry_run=args.dry_run,
+    )
+    submit(request)
+
+
+def _slurm_status(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from slurm.status import format_status, run_status
+
+    print(format_status(run_status(Path(args.run_dir))))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,4 +1,6 @@
 import os
 
+from slurm_support import slurm_cluster  # noqa: F401 - a real SLURM cluster, started once per session
+
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"

@@ -22,5 +22,12 @@ def test_tiny_recipe_runs_end_to_end_and_learns(tmp_path: Path) -> None:
     assert losses[-1] <= losses[0] / 2, f"SFT loss went from {losses[0]:.3f} to {losses[-1]:.3f}"
     dpo = json.loads((run / "dpo" / "summary.json").read_text())
     assert dpo["eval"]["eval_rewards/accuracies"] > 0.5, "DPO reward accuracy on held-out pairs"
-    for stage in ("prep", "sft", "dpo"):
-        assert (run / stage / "MANIFEST.json").is_file()
+    for stage in ("prep", "sft", "dpo", "final", "gguf", "eval/base", "eval/sft", "eval/dpo"):
+        assert (run / stage / "MANIFEST.json").is_file(), f"{stage} did not finish"
+    verified = json.loads((run / "gguf" / "verification.json").read_text())
+    assert sorted(r["gguf_type"] for r in verified) == ["f16", "q4_k_m", "q8_0"]
+    assert all(not r["problems"] for r in verified)
+    assert "| dpo | function_calling |" in (run / "final" / "README.md").read_text()
+    for point in ("base", "sft", "dpo"):
+        results = json.loads((run / "eval" / point / "results.json").read_text())
+        assert {suite: r["n"] for suite, r in results.items()} == {"function_calling": 40, "json_mode": 40}

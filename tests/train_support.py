@@ -96,15 +96,15 @@ def prepared(folder: Path, raw: dict[str, Any], prep_from: Path | None = None) -
 
 
 def cli(
-    *args: str, env: dict[str, str] | None = None, check: bool = True
+    *args: str, env: dict[str, str] | None = None, check: bool = True, cwd: Path = ROOT
 ) -> subprocess.CompletedProcess[str]:
-    """Run ``hermes-pipeline`` in a fresh process, as a user (or a SLURM job) would."""
+    """Run ``hermes-pipeline`` in a fresh process, as a user (or a SLURM job) would, from ``cwd``."""
     result = subprocess.run(
         [sys.executable, "-m", "hermes_pipeline.cli", *args],
         capture_output=True,
         text=True,
         env={**os.environ, **(env or {})},
-        cwd=ROOT,
+        cwd=cwd,
     )
     if check and result.returncode != 0:
         raise AssertionError(

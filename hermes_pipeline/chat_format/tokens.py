@@ -77,6 +77,7 @@ def save_tokenizer(tokenizer: PreTrainedTokenizerBase, out_dir: str | Path) -> N
     (out_dir / "chat_template.jinja").unlink(missing_ok=True)
     shutil.rmtree(out_dir / "additional_chat_templates", ignore_errors=True)
     tokenizer.save_pretrained(str(out_dir), save_jinja_files=False)
+    _keep_sentencepiece_model(tokenizer, out_dir)
     config_path = out_dir / "tokenizer_config.json"
     config = json.loads(config_path.read_text(encoding="utf-8"))
     config["added_tokens_decoder"] = {
@@ -96,3 +97,13 @@ def save_tokenizer(tokenizer: PreTrainedTokenizerBase, out_dir: str | Path) -> N
     config_path.write_text(
         json.dumps(config, indent=2, ensure_ascii=False, sort_keys=True) + "\n", encoding="utf-8"
     )
+
+
+def _keep_sentencepiece_model(tokenizer: PreTrainedTokenizerBase, out_dir: Path) -> None:
+    """Copy the SentencePiece model along: transformers 5 no longer writes it, and llama.cpp's converter
+    needs it to give the GGUF one token per embedding row (padding the vocabulary to the model's size)."""
+    source = getattr(tokenizer, "vocab_file", None)
+    if source and Path(source).name == "tokenizer.model" and Path(source).is_file():
+        target = out_dir / "tokenizer.model"
+        if not target.exists() or not target.samefile(source):
+            shutil.copyfile(source, target)

@@ -240,8 +240,9 @@ def _check_eval(recipe: Recipe) -> Iterator[Problem]:
     if not ev.enabled:
         return
     for point in ev.after:
-        section = getattr(recipe, point)
-        if not section.enabled:
+        if point == "merge" and recipe.merge.models is None:
+            yield "eval.after", "evaluates after merge, but the recipe has no merge.models section"
+        elif point != "base" and not getattr(recipe, "merge" if point == "package" else point).enabled:
             yield "eval.after", f"evaluates after {point}, but {point} is disabled"
     if ev.backend == "llama_cpp" and not recipe.export.enabled:
         yield "eval.backend", "llama_cpp evaluates the exported GGUF; enable export or use transformers"

@@ -173,20 +173,23 @@ def _line(source: str, key: str, message: str, overridden: set[str]) -> str:
     return f"{source}: {key}: {message}{origin}" if key else f"{source}: {message}{origin}"
 
 
-def format_validation_errors(exc: ValidationError, source: str, overridden: set[str]) -> list[str]:
+def format_validation_errors(
+    exc: ValidationError, source: str, overridden: set[str], root: type[BaseModel] = Recipe
+) -> list[str]:
+    """One line per invalid key; ``root`` is the model that was validated (a recipe, a site config)."""
     lines: dict[str, str] = {}
     for error in exc.errors(include_url=False):
         # Union branches add tags such as "literal['all-linear']" to the location; the user never wrote them.
         loc = [part for part in error["loc"] if isinstance(part, int) or re.fullmatch(r"\w+", part)]
         key = _dotted(loc)
-        lines.setdefault(key, _line(source, key, _describe(error, loc), overridden))
+        lines.setdefault(key, _line(source, key, _describe(error, loc, root), overridden))
     return list(lines.values())
 
 
-def _describe(error: dict[str, Any], loc: list[str | int]) -> str:
+def _describe(error: dict[str, Any], loc: list[str | int], root: type[BaseModel]) -> str:
     kind, ctx, got = error["type"], error.get("ctx", {}), error.get("input")
     if kind == "extra_forbidden":
-        allowed = sorted(_fields_at(loc[:-1]))
+        allowed = sorted(_fields_at(loc[:-1], root))
         close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
         hint = f"did you mean '{close[0]}'? " if close else ""
         return f"unknown key; {hint}allowed keys: {', '.join(allowed)}"
@@ -204,9 +207,9 @@ def _describe(error: dict[str, Any], loc: list[str | int]) -> str:
     return message
 
 
-def _fields_at(loc: list[str | int]) -> set[str]:
+def _fields_at(loc: list[str | int], root: type[BaseModel]) -> set[str]:
     """The keys allowed at a location, found by walking the schema along it."""
-    model: type[BaseModel] = Recipe
+    model = root
     for part in loc:
         if isinstance(part, int):
             continue

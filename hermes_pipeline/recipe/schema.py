@@ -254,6 +254,18 @@ class MergeSection(Section):
     resources: Resources = Resources(gpus_per_node=0, cpus_per_task=16, time="04:00:00")
 
 
+class PackageSection(Section):
+    """The model users download: how it is sharded, licensed, and how it samples by default."""
+
+    max_shard_size: Annotated[str, Field(pattern=r"^\d+(\.\d+)?\s*[KMGT]B$")] = "5GB"
+    license: str = "apache-2.0"
+    # generation_config.json: what transformers and servers use when a request sets nothing. The defaults
+    # are the Hermes 2 cards' inference example (temperature 0.8, repetition penalty 1.1, no nucleus cut).
+    temperature: Annotated[float, Field(gt=0, le=2)] = 0.8
+    top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
+    repetition_penalty: Annotated[float, Field(ge=1, le=2)] = 1.1
+
+
 class ExportSection(Section):
     enabled: bool = True
     gguf_types: list[str] = ["f16", "q8_0", "q4_k_m", "q5_k_m"]
@@ -263,13 +275,17 @@ class ExportSection(Section):
 
 class EvalSection(Section):
     enabled: bool = True
-    after: list[Literal["sft", "dpo", "merge", "export"]] = ["dpo"]
+    # base: the starting model, right after prep (the "before" of a before/after comparison).
+    after: list[Literal["base", "sft", "dpo", "merge", "package", "export"]] = ["dpo"]
     suites: list[EVAL_SUITES] = ["function_calling", "json_mode"]
     backend: Literal["transformers", "llama_cpp", "openai"] = "transformers"
     endpoint: str | None = None  # for backend openai
     function_calling_sets: list[ModelRef] = ["NousResearch/func-calling-eval"]
     json_mode_set: ModelRef = "NousResearch/json-mode-eval"
     temperature: Annotated[float, Field(ge=0, le=2)] = 0.1
+    max_new_tokens: PositiveInt = 512
+    batch_size: PositiveInt = 8  # prompts per generation batch, requests in flight, lm-eval batch size
+    limit: PositiveInt | None = None  # the first N rows of each set (of each task, for lm-eval suites)
     resources: Resources = Resources(gpus_per_node=1, cpus_per_task=8, time="04:00:00")
 
 
@@ -307,6 +323,7 @@ class Recipe(Section):
     dpo: DpoStage = DpoStage(enabled=False)
     vision: VisionSection | None = None
     merge: MergeSection = MergeSection()
+    package: PackageSection = PackageSection()
     export: ExportSection = ExportSection()
     eval: EvalSection = EvalSection()
     tracking: TrackingSection = TrackingSection()

@@ -1,0 +1,204 @@
+"""The eval stage: the recipe's eval suites on the model one stage left behind, into ``runs/<name>/eval/<after>/``.
+
+``after`` names the model: ``base`` the recipe's starting model (a random init is rebuilt from its config
+with the recipe seed, as training builds it), ``sft``/``dpo``/``merge`` that stage's ``model`` folder,
+``package`` the packaged model in ``final/``, ``export`` the f16 GGUF in ``gguf/``, run by llama.cpp.
+
+The folder holds one subfolder per suite (``function_calling/<set>/`` per function-calling set,
+``json_mode/``, ``gpt4all/`` ...) with that suite's own files, and ``results.json``, the summary the model
+card is built from::
+
+    {"function_calling": {"accuracy": 0.91, "ci95": [0.85, 0.95], "n": 115}, "gpt4all": {...}, ...}
+
+``accuracy`` is a fraction in [0, 1] (for lm-eval suites, the cards' suite average), ``ci95`` its 95%
+interval and ``n`` the number of samples scored. Function-calling sets are pooled into one number.
+MANIFEST.json is written last; a stage whose manifest matches the recipe's eval settings and the model's
+own manifest is skipped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from evals.backends import Backend, LlamaCppBackend, OpenAIBackend, Sampling, TransformersBackend
+from evals.generate import eval_set_name, evaluate
+from evals.harness import SUITES, run_suites
+from evals.scoring import wilson_interval
+from hermes_pipeline.errors import UserError
+from hermes_pipeline.recipe.schema import Recipe
+from hermes_pipeline.rundir import (
+    MANIFEST,
+    file_fingerprint,
+    is_complete,
+    run_dir,
+    stage_dir,
+    stage_fingerprint,
+    staged_output,
+    write_manifest,
+)
+from train.model import MODEL_SUBDIR, load_model, load_trained
+
+RESULTS_FILE = "results.json"
+# The folder each point's model lives in, relative to the run directory; "base" is built, not read.
+MODEL_FOLDERS = {
+    "sft": f"sft/{MODEL_SUBDIR}",
+    "dpo": f"dpo/{MODEL_SUBDIR}",
+    "merge": f"merge/{MODEL_SUBDIR}",
+    "package": "final",
+}
+# Eval settings that do not change a result: which points are measured, and the cluster request.
+_NOT_RESULTS = {"enabled", "after", "resources"}
+# The stage whose manifest vouches for that model.
+PRODUCERS = {
+    "base": "prep",
+    "sft": "sft",
+    "dpo": "dpo",
+    "merge": "merge",
+    "package": "final",
+    "export": "gguf",
+}
+
+
+def eval_dir(recipe: Recipe, after: str) -> Path:
+    return run_dir(recipe) / "eval" / after
+
+
+def run_eval_stage(
+    recipe: Recipe, after: str, force: bool = False, log: Callable[[str], Any] = print
+) -> Path:
+    """Evaluate the model ``after`` left behind with every suite in ``eval.suites``; returns the folder."""
+    if after not in PRODUCERS:
+        raise UserError(f"--after {after}: pick one of {', '.join(PRODUCERS)}")
+    producer = stage_dir(recipe, PRODUCERS[after]) / MANIFEST
+    if not producer.is_file():
+        raise UserError(f"eval after {after}: {producer.parent} has not finished; run that stage first")
+    out = eval_dir(recipe, after)
+    fingerprint = _fingerprint(recipe)
+    inputs = {"model": file_fingerprint(producer), **_set_inputs(recipe)}
+    if not force and is_complete(out, fingerprint, inputs):
+        log(f"eval after {after}: up to date in {out} (use --force to redo)")
+        return out
+    started = time.time()
+    with staged_output(out) as partial:
+        summary = _run_suites(recipe, after, partial, log)
+        (partial / RESULTS_FILE).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    write_manifest(out, fingerprint, inputs, started, extra={"after": after, "results": summary})
+    if after in ("package", "export"):
+        from merge.package import refresh_card
+
+        refresh_card(recipe)
+    for suite, result in summary.items():
+        low, high = result["ci95"]
+        log(
+            f"eval after {after}: {suite} {result['accuracy']:.1%} (95% CI {low:.1%} - {high:.1%}, n={result['n']})"
+        )
+    return out
+
+
+def _fingerprint(recipe: Recipe) -> str:
+    """The model's sections and the eval settings that shape a result: adding a point to ``eval.after``
+    must not re-run the evals already done."""
+    settings = json.dumps(recipe.eval.model_dump(mode="json", exclude=_NOT_RESULTS), sort_keys=True)
+    return f"{stage_fingerprint(recipe, 'model', 'tokenizer', 'seed')}-{hashlib.sha256(settings.encode()).hexdigest()[:16]}"
+
+
+def _set_inputs(recipe: Recipe) -> dict[str, str]:
+    """Local eval files by content, Hub sets by name: editing a local set re-runs the eval."""
+    sets = [*recipe.eval.function_calling_sets, recipe.eval.json_mode_set]
+    return {f"set:{ref}": file_fingerprint(ref) if Path(ref).is_file() else ref for ref in sets}
+
+
+def _run_suites(recipe: Recipe, after: str, out: Path, log: Callable[[str], Any]) -> dict[str, Any]:
+    ev = recipe.eval
+    generated = [suite for suite in ev.suites if suite in ("function_calling", "json_mode")]
+    harness = {name: SUITES[name] for name in ev.suites if name in SUITES}
+    summary: dict[str, Any] = {}
+    model = tokenizer = None
+    if generated:
+        backend = _backend(recipe, after)
+        if isinstance(backend, TransformersBackend):
+            model, tokenizer = backend.model, backend.tokenizer
+        if "function_calling" in generated:
+            folder = out / "function_calling"
+            sets = [
+                evaluate(backend, "function_calling", ref, folder / _folder_name(ref), ev.limit)
+                for ref in ev.function_calling_sets
+            ]
+            summary["function_calling"] = _pooled([result["strict"] for result in sets])
+        if "json_mode" in generated:
+            result = evaluate(backend, "json_mode", ev.json_mode_set, out / "json_mode", ev.limit)
+            summary["json_mode"] = _pooled([result["strict"]])
+    if harness and after == "export":
+        log(f"eval after export: lm-eval suites ({', '.join(harness)}) run on transformers models; skipped")
+    elif harness:
+        if model is None:
+            model, tokenizer = _transformers_model(recipe, after)
+        results = run_suites(model, harness, tokenizer, ev.batch_size, ev.limit, seed=recipe.seed)
+        for name, result in results.items():
+            (out / name).mkdir()
+            (out / name / RESULTS_FILE).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+            summary[name] = {"accuracy": result["score"], "ci95": result["ci95"], "n": result["n"]}
+    return summary
+
+
+def _folder_name(ref: str) -> str:
+    return eval_set_name(ref).replace("/", "__")
+
+
+def _pooled(rates: list[dict[str, Any]]) -> dict[str, Any]:
+    passed, total = sum(rate["passed"] for rate in rates), sum(rate["total"] for rate in rates)
+    if total == 0:
+        return {"accuracy": None, "ci95": None, "n": 0}
+    return {"accuracy": passed / total, "ci95": list(wilson_interval(passed, total)), "n": total}
+
+
+def _backend(recipe: Recipe, after: str) -> Backend:
+    ev = recipe.eval
+    sampling = Sampling(ev.temperature, recipe.seed, ev.max_new_tokens, ev.batch_size)
+    if after == "export":
+        return LlamaCppBackend(_f16_gguf(recipe), sampling)
+    if ev.backend == "openai":
+        if ev.endpoint is None:
+            raise UserError("eval.backend is openai but eval.endpoint is not set; give the server's URL")
+        return OpenAIBackend(ev.endpoint, None, sampling)
+    if ev.backend == "llama_cpp":
+        raise UserError(f"eval.backend llama_cpp runs the exported GGUF; evaluate after export, not {after}")
+    model, tokenizer = _transformers_model(recipe, after)
+    return TransformersBackend(model, tokenizer, sampling)
+
+
+def _f16_gguf(recipe: Recipe) -> Path:
+    found = sorted(path for path in (run_dir(recipe) / "gguf").glob("*.gguf") if "f16" in path.name.lower())
+    if not found:
+        raise UserError(
+            f"eval after export: no f16 GGUF in {run_dir(recipe) / 'gguf'}; run export with f16 in export.gguf_types"
+        )
+    return found[0]
+
+
+def _transformers_model(recipe: Recipe, after: str) -> tuple[Any, Any]:
+    """The model in full precision, as its stage saved it, on the GPU when there is one.
+
+    A LoRA stage's adapter is applied to the base it trained on, the way the next stage would load it.
+    """
+    import torch
+    from transformers import AutoTokenizer
+
+    full = recipe.sft.model_copy(update={"mode": "full"})
+    if after == "base":
+        tokenizer = AutoTokenizer.from_pretrained(stage_dir(recipe, "prep") / "tokenizer")
+        source = recipe.model.name_or_path if recipe.model.init == "pretrained" else None
+        model = load_model(recipe, full, tokenizer, source)
+    else:
+        folder = run_dir(recipe) / MODEL_FOLDERS[after]
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        stage = (
+            getattr(recipe, after).model_copy(update={"mode": "full"}) if after in ("sft", "dpo") else full
+        )
+        model = load_trained(recipe, stage, folder, tokenizer)
+    return model.to("cuda" if torch.cuda.is_available() else "cpu"), tokenizer

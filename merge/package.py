@@ -1,0 +1,166 @@
+"""``hermes-pipeline package``: the model users download, in runs/<name>/final/.
+
+The last stage's output (a full model, or an adapter merged into its base here) is written as safetensors
+shards with an index, with EOS = ``<|im_end|>`` in config, generation_config and tokenizer, both named chat
+templates, a model card, and a manifest with every file's hash. Before it is renamed into place it is
+reloaded and checked against the model it came from.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GenerationConfig,
+    PreTrainedTokenizerBase,
+)
+
+from hermes_pipeline.chat_format.templates import TEMPLATE_NAMES, hermes_templates
+from hermes_pipeline.chat_format.tokens import IM_END, save_tokenizer
+from hermes_pipeline.errors import UserError
+from hermes_pipeline.recipe.checks import training_stages
+from hermes_pipeline.recipe.schema import PackageSection, Recipe
+from hermes_pipeline.rundir import (
+    MANIFEST,
+    file_fingerprint,
+    is_complete,
+    stage_dir,
+    stage_fingerprint,
+    staged_output,
+    write_manifest,
+)
+from merge.card import write_card
+from merge.lora import adapter_chain, dequantize_base, merge_adapters, merged_size, verify_merge
+from merge.probes import max_difference, probe_ids, probe_logits
+from merge.shards import check_free_space, iter_tensors, model_bytes, parse_size, write_shards
+from train.model import MODEL_SUBDIR, is_adapter
+
+FINAL = "final"
+
+
+def final_source(recipe: Recipe) -> Path:
+    """The output of the recipe's last model-producing stage."""
+    stages = list(training_stages(recipe))
+    if stages:
+        return stage_dir(recipe, stages[-1]) / MODEL_SUBDIR
+    if recipe.merge.models is not None:
+        return stage_dir(recipe, "merge") / MODEL_SUBDIR
+    raise UserError("nothing to package: the recipe enables no training stage and no merge.models")
+
+
+def run_package(recipe: Recipe, force: bool = False, log: Callable[[str], None] = print) -> Path:
+    source = final_source(recipe)
+    upstream = source.parent / MANIFEST
+    if not upstream.is_file():
+        raise UserError(f"{source.parent} has not finished; run its stage first (hermes-pipeline run RECIPE)")
+    out = stage_dir(recipe, FINAL)
+    fingerprint = stage_fingerprint(recipe, "package", "tokenizer")
+    inputs = {"model": file_fingerprint(upstream)}
+    if not force and is_complete(out, fingerprint, inputs):
+        log(f"package: {out} is up to date; skipped (--force to redo)")
+        return out
+
+    started = time.time()
+    adapter = is_adapter(source)
+    base, chain = adapter_chain(source) if adapter else (None, [])
+    check_free_space(out.parent, int(1.1 * (merged_size(base) if base else model_bytes(source))))
+    shard_bytes = parse_size(recipe.package.max_shard_size)
+    multiple = recipe.tokenizer.pad_embeddings_to_multiple_of
+    with staged_output(out) as partial:
+        if base is not None:
+            log(f"package: merging {len(chain)} adapter(s) into {base}, shard by shard")
+            merge_adapters(base, chain, partial, shard_bytes, multiple, dequantize_base(recipe))
+        else:
+            write_shards(iter_tensors(source), partial, shard_bytes)
+            shutil.copyfile(source / "config.json", partial / "config.json")
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        save_tokenizer(tokenizer, partial)
+        write_generation_settings(partial, tokenizer, recipe.package)
+        if base is not None:
+            difference = verify_merge(base, chain, partial, multiple, dequantize_base(recipe))
+        else:
+            difference = verify_same_model(source, partial)
+        check_packaged(partial)
+        write_card(recipe, partial, tokenizer)
+    write_manifest(
+        out, fingerprint, inputs, started, extra={"source": str(source), "logits_max_abs_diff": difference}
+    )
+    log(f"package: {out} (logits within {difference:.2g} of {source})")
+    return out
+
+
+def write_generation_settings(
+    folder: Path, tokenizer: PreTrainedTokenizerBase, package: PackageSection
+) -> None:
+    """EOS, pad and BOS in config.json and a generation_config.json with the recipe's sampling defaults."""
+    config = AutoConfig.from_pretrained(folder)
+    ids = {"eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
+    if tokenizer.bos_token_id is not None:
+        ids["bos_token_id"] = tokenizer.bos_token_id
+    for key, value in ids.items():
+        setattr(config, key, value)
+    config.save_pretrained(folder)
+    GenerationConfig(
+        **ids,
+        do_sample=True,
+        temperature=package.temperature,
+        top_p=package.top_p,
+        repetition_penalty=package.repetition_penalty,
+    ).save_pretrained(folder)
+
+
+def verify_same_model(source: Path, packaged: Path) -> float:
+    """Re-sharding must not change a single logit."""
+    prompts = probe_ids(AutoTokenizer.from_pretrained(packaged))
+    expected = probe_logits(AutoModelForCausalLM.from_pretrained(source, dtype="auto"), prompts)
+    actual = probe_logits(AutoModelForCausalLM.from_pretrained(packaged, dtype="auto"), prompts)
+    difference = max_difference(expected, actual)
+    if difference != 0.0:
+        raise UserError(f"{packaged}: packaged logits differ from {source} by {difference:.3g}; not shipped")
+    return difference
+
+
+def check_packaged(folder: Path) -> None:
+    """What a downloader's generation depends on: every EOS is <|im_end|>, and both templates are there."""
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    end = tokenizer.convert_tokens_to_ids(IM_END)
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    generation = json.loads((folder / "generation_config.json").read_text(encoding="utf-8"))
+    places = {
+        "tokenizer eos_token": tokenizer.eos_token_id,
+        "config.json eos_token_id": config.get("eos_token_id"),
+        "generation_config.json eos_token_id": generation.get("eos_token_id"),
+    }
+    for place, value in places.items():
+        if value != end and value != [end]:
+            raise UserError(f"{folder}: {place} is {value}, not {IM_END} ({end}); generation would not stop")
+    templates = tokenizer.chat_template if isinstance(tokenizer.chat_template, dict) else {}
+    expected = hermes_templates()
+    for name in TEMPLATE_NAMES:
+        if templates.get(name) != expected[name]:
+            raise UserError(
+                f"{folder}: the tokenizer's {name!r} chat template is missing or not the Hermes one"
+            )
+
+
+def refresh_card(recipe: Recipe) -> None:
+    """Rewrite the packaged model's card (and its manifest's hashes) after evals that ran on the package or
+    its GGUF, so the card users download reports them too."""
+    folder = stage_dir(recipe, FINAL)
+    manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+    write_card(recipe, folder, AutoTokenizer.from_pretrained(folder))
+    extra = {
+        k: v
+        for k, v in manifest.items()
+        if k not in ("fingerprint", "inputs", "outputs", "libraries", "wall_time_s")
+    }
+    write_manifest(
+        folder, manifest["fingerprint"], manifest["inputs"], time.time() - manifest["wall_time_s"], extra
+    )

@@ -1,0 +1,177 @@
+"""GGUF export through llama.cpp's converter and quantizer, and the verifier that guards every file."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
+
+from hermes_pipeline.chat_format.tokens import IM_END, prepare_tokenizer, save_tokenizer
+from hermes_pipeline.errors import UserError
+from hermes_pipeline.recipe.schema import PackageSection
+from hermes_pipeline.tiny import build_tiny_model, load_tiny_tokenizer, tiny_model_config
+from merge.gguf import export_gguf, file_name, is_llama3_tokenizer
+from merge.gguf_check import GgufCheckFailed, load, read_metadata, reply
+from merge.package import write_generation_settings
+from merge.probes import probe_texts
+
+pytestmark = pytest.mark.slow
+
+LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+    r"|\s+(?!\S)|\s+"
+)
+GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+
+
+def _teach_to_stop(model: torch.nn.Module, tokenizer: PreTrainedTokenizerFast) -> None:
+    """A few seconds of training so the first probe gets a short reply ending in <|im_end|>: a random model
+    would never stop, and the verifier insists that the exported file does."""
+    prompt = tokenizer(probe_texts(tokenizer)[0], add_special_tokens=False)["input_ids"]
+    answer = tokenizer(f"Hi.{IM_END}", add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([prompt + answer])
+    labels = ids.clone()
+    labels[0, : len(prompt)] = -100
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    torch.manual_seed(0)
+    for _ in range(40):
+        loss = model(input_ids=ids, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+
+
+def _save(model: torch.nn.Module, tokenizer: PreTrainedTokenizerFast, folder: Path) -> Path:
+    model.save_pretrained(folder)
+    save_tokenizer(tokenizer, folder)
+    write_generation_settings(folder, tokenizer, PackageSection())
+    return folder
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tokenizer = load_tiny_tokenizer()
+    model = build_tiny_model(seed=5)
+    _teach_to_stop(model, tokenizer)
+    return _save(model, tokenizer, tmp_path_factory.mktemp("model"))
+
+
+@pytest.fixture(scope="module")
+def exported(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("export") / "gguf"
+    export_gguf(model_dir, out, ["f16", "q8_0", "q4_k_m"], "tiny", log=lambda _: None)
+    return out
+
+
+def test_export_writes_every_type_and_records_the_checks(exported: Path) -> None:
+    names = sorted(p.name for p in exported.iterdir())
+    assert names == ["tiny-Q4_K_M.gguf", "tiny-Q8_0.gguf", "tiny-f16.gguf", "verification.json"]
+    reports = {r["gguf_type"]: r for r in json.loads((exported / "verification.json").read_text())}
+    assert reports["f16"]["logits_relative_difference"] <= 0.02
+    assert reports["q8_0"]["top1_agreement"] >= 0.9 and reports["q4_k_m"]["top1_agreement"] >= 0.9
+    assert all(not r["problems"] for r in reports.values())
+
+
+def test_gguf_metadata_carries_eos_templates_and_control_tokens(exported: Path, model_dir: Path) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    metadata = read_metadata(exported / "tiny-Q4_K_M.gguf")
+    end = tokenizer.convert_tokens_to_ids(IM_END)
+    assert metadata["eos_token_id"] == end
+    assert metadata["chat_template"] == tokenizer.chat_template["default"]
+    assert metadata["chat_template_tool_use"] == tokenizer.chat_template["tool_use"]
+    assert len(metadata["tokens"]) == json.loads((model_dir / "config.json").read_text())["vocab_size"]
+    assert metadata["token_types"][end] == 3  # llama.cpp's CONTROL
+
+
+def test_quantised_file_generates_a_reply_that_stops(exported: Path, model_dir: Path) -> None:
+    text, stopped = reply(
+        load(exported / "tiny-Q4_K_M.gguf"), probe_texts(AutoTokenizer.from_pretrained(model_dir))[0]
+    )
+    assert stopped and text.strip() == "Hi."
+
+
+def _edited(model_dir: Path, tmp_path: Path, edit: Callable[[dict], dict]) -> Path:
+    folder = tmp_path / "edited"
+    shutil.copytree(model_dir, folder)
+    path = folder / "tokenizer_config.json"
+    path.write_text(json.dumps(edit(json.loads(path.read_text()))))
+    return folder
+
+
+def test_a_wrong_eos_fails_the_export_and_leaves_nothing(model_dir: Path, tmp_path: Path) -> None:
+    def wrong_eos(config: dict) -> dict:
+        return config | {"eos_token": "</s>"}
+
+    folder = _edited(model_dir, tmp_path, wrong_eos)
+    for name in ("config.json", "generation_config.json"):
+        path = folder / name
+        path.write_text(json.dumps(json.loads(path.read_text()) | {"eos_token_id": 2}))
+    out = tmp_path / "gguf"
+    with pytest.raises(GgufCheckFailed, match="eos_token_id is 2, not <\\|im_end\\|>"):
+        export_gguf(folder, out, ["f16"], "tiny", log=lambda _: None)
+    assert not out.exists() and not list(tmp_path.glob("gguf*"))
+
+
+def test_a_lost_tool_use_template_fails_the_export(model_dir: Path, tmp_path: Path) -> None:
+    def default_only(config: dict) -> dict:
+        templates = {t["name"]: t["template"] for t in config["chat_template"]}
+        return config | {"chat_template": templates["default"]}
+
+    with pytest.raises(GgufCheckFailed, match="tool_use"):
+        export_gguf(
+            _edited(model_dir, tmp_path, default_only), tmp_path / "gguf", ["f16"], "tiny", log=lambda _: None
+        )
+
+
+def _bpe_model(folder: Path, split: str) -> Path:
+    """A tiny byte-level BPE model (a Llama-3-style tokenizer when ``split`` is Llama-3's pattern)."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(split), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tokenizer.decoder = decoders.ByteLevel()
+    corpus = [
+        "You are a helpful assistant. Hello! Who are you? What is the weather in Paris? Write one sentence.",
+        "The sea is calm and blue. I can call tools and answer in JSON with the schema you give me.",
+    ] * 20
+    trainer = trainers.BpeTrainer(
+        vocab_size=600,
+        special_tokens=["<|begin_of_text|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tokenizer.train_from_iterator(corpus, trainer)
+    wrapped = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<|begin_of_text|>")
+    prepare_tokenizer(wrapped)
+    config = tiny_model_config("llama", tokenizer=wrapped)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config)
+    _teach_to_stop(model, wrapped)
+    return _save(model, wrapped, folder)
+
+
+def test_llama3_bpe_tokenizer_unknown_to_the_converter_maps_to_llama_bpe(tmp_path: Path) -> None:
+    folder = _bpe_model(tmp_path / "llama3", LLAMA3_SPLIT)
+    assert is_llama3_tokenizer(folder)
+    messages: list[str] = []
+    export_gguf(folder, tmp_path / "gguf", ["f16"], "bpe", log=messages.append)
+    assert any("llama-bpe" in m for m in messages)
+    assert (tmp_path / "gguf" / file_name("bpe", "f16")).is_file()
+
+
+def test_other_unknown_bpe_tokenizer_is_a_one_line_error(tmp_path: Path) -> None:
+    folder = _bpe_model(tmp_path / "gpt2ish", GPT2_SPLIT)
+    assert not is_llama3_tokenizer(folder)
+    with pytest.raises(UserError, match="does not know this BPE pre-tokenizer") as failure:
+        export_gguf(folder, tmp_path / "gguf", ["f16"], "bpe", log=lambda _: None)
+    assert "\n" not in str(failure.value)
