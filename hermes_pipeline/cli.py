@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
@@ -463,6 +464,9 @@ def _slurm_status(args: argparse.Namespace) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # bitsandbytes (imported by peft whenever it is installed) warns on every CPU run that an optional
+    # 4-bit CPU kernel is missing; no stage here runs 4-bit matmuls on a CPU, so the line is only noise.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     try:
         args.handler(args)
     except (UserError, StageInterrupted) as exc:
