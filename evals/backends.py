@@ -122,8 +122,9 @@ class LlamaCppBackend:
             raise UserError(f"model {gguf}: no such GGUF file")
         self.llm = Llama(model_path=str(gguf), n_ctx=n_ctx, seed=sampling.seed, verbose=False)
         self.sampling = sampling
-        # llama.cpp puts BOS in front of every prompt itself; the template's own BOS would make it two.
-        self.bos_text = self.llm.detokenize([self.llm.token_bos()], special=True).decode()
+        from merge.gguf_check import bos_text
+
+        self.bos_text = bos_text(self.llm)
 
     def generate(self, prompts: list[Prompt]) -> list[str]:
         return [self._complete(prompt.text) for prompt in prompts]

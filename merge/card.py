@@ -18,6 +18,7 @@ from transformers import PreTrainedTokenizerBase
 from hermes_pipeline.recipe.checks import training_stages
 from hermes_pipeline.recipe.schema import Recipe
 from hermes_pipeline.rundir import run_dir, stage_dir
+from hermes_pipeline.stages import recipe_stages
 from merge.probes import CONVERSATIONS
 
 CURVES = "curves"
@@ -65,8 +66,6 @@ def _front_matter(recipe: Recipe) -> str:
 
 
 def _stages(recipe: Recipe) -> str:
-    from hermes_pipeline.stages import recipe_stages
-
     lines = ["## How it was made", "", f"Made with hermes-pipeline, recipe `{recipe.name}`:", ""]
     for stage in recipe_stages(recipe, "RECIPE"):
         lines.append(f"1. `{stage.name}`: `hermes-pipeline {' '.join(stage.command)}`")

@@ -24,7 +24,7 @@ from hermes_pipeline.rundir import (
     staged_output,
     write_manifest,
 )
-from merge.gguf_check import GgufReport, verify_gguf
+from merge.gguf_check import GgufReport, reference_of, verify_gguf
 from merge.shards import check_free_space, model_bytes
 
 GGUF = "gguf"
@@ -57,6 +57,7 @@ def export_gguf(
         log(f"export: converting {model_dir} to {reference.name} with llama.cpp's converter")
         convert(model_dir, reference, base_type, log)
         reports.append(verify_gguf(reference, model_dir, base_type, None))
+        reference_scores = reference_of(reference, model_dir)
         for gguf_type in types:
             if gguf_type == base_type:
                 continue
@@ -66,7 +67,7 @@ def export_gguf(
             else:
                 log(f"export: quantizing to {target.name}")
                 quantize(reference, target, gguf_type)
-            reports.append(verify_gguf(target, model_dir, gguf_type, reference))
+            reports.append(verify_gguf(target, model_dir, gguf_type, reference_scores))
         if base_type not in types:
             reference.unlink()
         (partial / "verification.json").write_text(

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -53,11 +53,22 @@ class GgufReport:
         return f"{self.file}: verified ({parity}; stops at {IM_END})"
 
 
-def verify_gguf(path: Path, model_dir: Path, gguf_type: str, reference: Path | None) -> GgufReport:
+class Reference(NamedTuple):
+    """The converted file's logits on the probes, computed once for all the files quantised from it."""
+
+    name: str
+    scores: list[np.ndarray]
+
+
+def reference_of(path: Path, model_dir: Path) -> Reference:
+    return Reference(path.name, gguf_logits(load(path), probe_ids(AutoTokenizer.from_pretrained(model_dir))))
+
+
+def verify_gguf(path: Path, model_dir: Path, gguf_type: str, reference: Reference | None) -> GgufReport:
     """Every check on one file; raises GgufCheckFailed listing each problem found.
 
     ``reference`` is None for the file converted from the model (compared with the HF model's logits);
-    for quantised files it is that file, and the top-1 token must agree at most positions.
+    for quantised files it is that file's, and the top-1 token must agree at most positions.
     """
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     metadata = read_metadata(path)
@@ -79,7 +90,7 @@ def verify_gguf(path: Path, model_dir: Path, gguf_type: str, reference: Path | N
                 f"of their range (tolerance {F16_RELATIVE_TOLERANCE:.0%})"
             )
     else:
-        report.top1_agreement = top1_agreement(gguf_logits(load(reference), prompts), scores)
+        report.top1_agreement = top1_agreement(reference.scores, scores)
         if report.top1_agreement < MIN_TOP1_AGREEMENT:
             problems.append(
                 f"top-1 token agrees with {reference.name} at {report.top1_agreement:.1%} of positions "
@@ -232,7 +243,13 @@ def reply(llm: Any, prompt: str) -> tuple[str, bool]:
     """A greedy reply to a rendered prompt and whether it stopped at end of generation (not at the token
     limit). llama.cpp puts BOS in front of the prompt itself, so the template's own BOS is taken off."""
     llm.reset()
-    bos = llm.detokenize([llm.token_bos()], special=True).decode()
-    result = llm.create_completion(prompt.removeprefix(bos), max_tokens=REPLY_TOKENS, temperature=0.0)
+    result = llm.create_completion(
+        prompt.removeprefix(bos_text(llm)), max_tokens=REPLY_TOKENS, temperature=0.0
+    )
     choice = result["choices"][0]
     return choice["text"], choice["finish_reason"] == "stop" and IM_END not in choice["text"]
+
+
+def bos_text(llm: Any) -> str:
+    """BOS as text: llama.cpp adds it to every prompt itself, so a template's own BOS must come off."""
+    return llm.detokenize([llm.token_bos()], special=True).decode()
