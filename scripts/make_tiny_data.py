@@ -6,8 +6,9 @@ arithmetic, opposites, plurals, greetings; five small tools; four small JSON sch
 model learns them within minutes on a CPU, and the DPO pairs come from the same families so that what DPO
 learns on some pairs carries over to the held-out ones.
 
-The two eval files use the same tools, schemas and phrasings with values no training file contains, which
-is asserted before anything is written. Each file has its own seeded random stream, so the output is
+The function-calling eval asks for the training tools and argument values in phrasings no training row uses;
+the JSON-mode eval uses the training schemas and phrasings with values no training file contains. Both are
+asserted before anything is written. Each file has its own seeded random stream, so the output is
 byte-identical from one run to the next:
 
     python scripts/make_tiny_data.py [--out-dir DIR]
@@ -27,9 +28,12 @@ from typing import Any, TypeVar
 
 from transformers import PreTrainedTokenizerBase
 
+from data_prep.mixture import Decontaminator
+from data_prep.sources import convert
 from hermes_pipeline.chat_format.prompts import json_mode_system_prompt
-from hermes_pipeline.chat_format.tokens import IM_END, IM_START
+from hermes_pipeline.chat_format.templates import render
 from hermes_pipeline.chat_format.tool_calls import parse_tool_calls
+from hermes_pipeline.recipe.schema import DataSource, Decontamination
 from hermes_pipeline.tiny import load_tiny_tokenizer
 
 T = TypeVar("T")
@@ -93,14 +97,11 @@ EVAL_YEARS = (1953, 1968, 1979, 1986, 1994, 2007, 2013, 2021)
 
 @dataclass(frozen=True)
 class Pools:
-    """The argument and field values one side (training or eval) draws from; the two sides share none."""
+    """The JSON-mode field values one side (training or eval) draws from; the two sides share none."""
 
     cities: tuple[str, ...]
-    symbols: tuple[str, ...]
     numbers: tuple[int, ...]
     years: tuple[int, ...]
-    topics: tuple[str, ...]
-    labels: tuple[str, ...]
     first_names: tuple[str, ...]
     last_names: tuple[str, ...]
     title_adjectives: tuple[str, ...]
@@ -115,24 +116,8 @@ TRAIN = Pools(
         "Sydney", "Toronto", "Osaka", "Munich", "Barcelona", "Milan", "Chicago", "Seattle", "Mumbai",
         "Istanbul", "Durban", "Lyon", "Hamburg", "Boston", "Denver", "Kyoto", "Melbourne",
     ),
-    symbols=(
-        "AAPL", "MSFT", "GOOG", "AMZN", "TSLA", "NVDA", "META", "IBM", "INTC", "ORCL", "NFLX", "ADBE",
-        "CSCO", "PEP", "KO", "DIS", "NKE", "SBUX", "WMT", "JPM", "XOM", "CVX", "PFE", "MRK",
-    ),
     numbers=tuple(n for n in range(2, 100) if n not in EVAL_NUMBERS),
     years=tuple(year for year in range(1950, 2024) if year not in EVAL_YEARS),
-    topics=(
-        "sourdough bread recipes", "how to grow tomatoes", "the history of chess", "beginner guitar lessons",
-        "how volcanoes form", "easy vegetable soup", "running shoes for beginners", "how to learn Spanish",
-        "the rings of Saturn", "indoor plants for low light", "how to fix a flat tire", "the life of bees",
-        "healthy breakfast ideas", "how to start a podcast", "board games for kids", "how rainbows form",
-        "a camping checklist", "how to brew green tea", "electric car range", "the tallest waterfalls",
-        "knitting for beginners", "how to save money", "the speed of light", "how to draw a horse",
-    ),
-    labels=(
-        "tea", "pasta", "laundry", "eggs", "rice", "bread", "nap", "workout", "meeting", "pizza",
-        "oven", "stretching", "coffee", "study", "soup",
-    ),
     first_names=(
         "Anna", "Ben", "Clara", "David", "Elena", "Felix", "Grace", "Hugo", "Iris", "Jonas",
         "Laura", "Marco", "Nina", "Oscar", "Paula", "Rosa", "Samuel", "Tom", "Vera", "Yusuf",
@@ -162,11 +147,8 @@ EVAL = Pools(
     cities=(
         "Oslo", "Zagreb", "Riga", "Dakar", "Montevideo", "Kathmandu", "Bern", "Sofia", "Bucharest", "Geneva",
     ),
-    symbols=("AMD", "UBER", "PYPL", "QCOM", "TXN", "CRM", "ABNB"),
     numbers=EVAL_NUMBERS,
     years=EVAL_YEARS,
-    topics=("the history of the bicycle", "how to make pancakes", "solar panel costs", "how whales sleep"),
-    labels=("cookies", "yoga", "dumplings", "piano practice"),
     first_names=("Amara", "Bruno", "Ingrid", "Kofi", "Mei"),
     last_names=("Lindqvist", "Mensah", "Ortega", "Varga", "Okafor"),
     title_adjectives=("Velvet", "Hollow", "Amber", "Scarlet"),
@@ -428,6 +410,28 @@ FUNCTION_CALLING_SYSTEM_PROMPT = (
     "</tool_call>\n"
 )
 WEATHER_CONDITIONS = ("sunny", "cloudy", "rainy", "windy", "foggy")
+# Each argument takes one of a few values, and no two values of an argument begin with the same token: a
+# ~2M-parameter model trained for minutes can find that first token in the request and complete the value
+# from memory, but cannot yet copy arbitrary text (checked in main()).
+WEATHER_CITIES = ("Paris", "Berlin", "Rome", "Madrid", "Tokyo", "Cairo", "Lima", "Athens")
+STOCK_SYMBOLS = ("AAPL", "MSFT", "GOOG", "TSLA", "NVDA", "IBM", "KO", "DIS")
+DEGREES = (10, 25, 37, 40, 50, 68, 72, 86, 98)
+TIMER_MINUTES = (5, 10, 20, 30, 45, 60, 90)
+TIMER_LABELS = ("tea", "pasta", "laundry", "eggs", "rice", "bread", "oven", "meeting")
+SEARCH_TOPICS = (
+    "sourdough bread recipes", "the history of chess", "beginner guitar lessons", "how volcanoes form",
+    "electric car range", "indoor plants for low light", "a camping checklist", "knitting for beginners",
+)  # fmt: skip
+MAX_RESULTS = (3, 5, 10)
+ARGUMENT_VALUES = (
+    WEATHER_CITIES,
+    STOCK_SYMBOLS,
+    DEGREES,
+    TIMER_MINUTES,
+    TIMER_LABELS,
+    SEARCH_TOPICS,
+    MAX_RESULTS,
+)
 # The scale to convert to -> the scale the degrees are in, and the conversion.
 CONVERSIONS: dict[str, tuple[str, Callable[[float], float]]] = {
     "fahrenheit": ("Celsius", lambda degrees: degrees * 9 / 5 + 32),
@@ -446,92 +450,126 @@ class ToolUse:
     answer: str
 
 
-def weather_use(rng: random.Random, pools: Pools) -> ToolUse:
-    city = rng.choice(pools.cities)
+@dataclass(frozen=True)
+class Phrasings:
+    """How a request is worded: training rows use ``train``, the eval file only ``held_out``."""
+
+    train: tuple[str, ...]
+    held_out: tuple[str, ...]
+
+    def pick(self, rng: random.Random, held_out: bool) -> str:
+        return rng.choice(self.held_out if held_out else self.train)
+
+
+WEATHER_REQUESTS = Phrasings(
+    train=(
+        "What's the weather like in {city}?",
+        "How warm is it in {city} right now?",
+        "Tell me the current weather in {city}.",
+        "Is it sunny in {city} today?",
+    ),
+    held_out=("Check the weather in {city} for me.", "Do I need a coat in {city} today?"),
+)
+STOCK_REQUESTS = Phrasings(
+    train=(
+        "What is the stock price of {symbol}?",
+        "How much is {symbol} trading at?",
+        "Get me the latest price for {symbol}.",
+    ),
+    held_out=("Check the share price of {symbol}.", "What does one {symbol} share cost now?"),
+)
+TEMPERATURE_REQUESTS = Phrasings(
+    train=(
+        "Convert {degrees} degrees to {to_scale}.",
+        "What is {degrees} degrees in {to_scale}?",
+        "Change {degrees} degrees into {to_scale}.",
+    ),
+    held_out=(
+        "How much is {degrees} degrees in {to_scale}?",
+        "Turn {degrees} degrees into {to_scale}, please.",
+    ),
+)
+TIMER_REQUESTS = Phrasings(
+    train=("Set a timer for {minutes} minutes.", "Start a {minutes} minute timer."),
+    held_out=("Count down {minutes} minutes for me.",),
+)
+LABELLED_TIMER_REQUESTS = Phrasings(
+    train=(
+        "Set a {minutes} minute timer for {label}.",
+        "Start a timer for {minutes} minutes called {label}.",
+    ),
+    held_out=("Count down {minutes} minutes for the {label}.",),
+)
+SEARCH_REQUESTS = Phrasings(
+    train=("Search the web for {query}.", "Look up {query} online."),
+    held_out=("Find pages about {query}.",),
+)
+COUNTED_SEARCH_REQUESTS = Phrasings(
+    train=(
+        "Find {max_results} results about {query}.",
+        "Search for {query} and show me {max_results} results.",
+    ),
+    held_out=("Give me {max_results} links on {query}.",),
+)
+
+
+def weather_use(rng: random.Random, held_out: bool) -> ToolUse:
+    city = rng.choice(WEATHER_CITIES)
     temperature, condition = rng.randint(-5, 35), rng.choice(WEATHER_CONDITIONS)
-    request = rng.choice(
-        (
-            "What's the weather like in {city}?",
-            "How warm is it in {city} right now?",
-            "Tell me the current weather in {city}.",
-            "Is it sunny in {city} today?",
-        )
-    )
     result = {"temp_c": temperature, "condition": condition}
     answer = f"It is {temperature} degrees Celsius and {condition} in {city} right now."
-    return ToolUse(request.format(city=city), "get_weather", {"city": city}, result, answer)
+    request = WEATHER_REQUESTS.pick(rng, held_out).format(city=city)
+    return ToolUse(request, "get_weather", {"city": city}, result, answer)
 
 
-def stock_use(rng: random.Random, pools: Pools) -> ToolUse:
-    symbol = rng.choice(pools.symbols)
+def stock_use(rng: random.Random, held_out: bool) -> ToolUse:
+    symbol = rng.choice(STOCK_SYMBOLS)
     price = rng.randint(1000, 90000) / 100
-    request = rng.choice(
-        (
-            "What is the stock price of {symbol}?",
-            "How much is {symbol} trading at?",
-            "Get me the latest price for {symbol}.",
-            "Check the share price of {symbol}.",
-        )
-    )
     result = {"price": price, "currency": "USD"}
-    answer = f"{symbol} is trading at {price} USD."
-    return ToolUse(request.format(symbol=symbol), "get_stock_price", {"symbol": symbol}, result, answer)
+    request = STOCK_REQUESTS.pick(rng, held_out).format(symbol=symbol)
+    return ToolUse(
+        request, "get_stock_price", {"symbol": symbol}, result, f"{symbol} is trading at {price} USD."
+    )
 
 
-def temperature_use(rng: random.Random, pools: Pools) -> ToolUse:
-    to_unit = rng.choice(list(CONVERSIONS))
-    from_scale, convert = CONVERSIONS[to_unit]
-    to_scale, degrees = to_unit.capitalize(), rng.choice(pools.numbers)
-    request = rng.choice(
-        (
-            "Convert {degrees} degrees {from_scale} to {to_scale}.",
-            "What is {degrees} degrees {from_scale} in {to_scale}?",
-            "How many degrees {to_scale} is {degrees} degrees {from_scale}?",
-        )
-    ).format(degrees=degrees, from_scale=from_scale, to_scale=to_scale)
-    converted = round(convert(degrees), 1)
+def temperature_use(rng: random.Random, held_out: bool) -> ToolUse:
+    """The request names only the scale to convert to, so one word in it decides ``to_unit``."""
+    to_unit, degrees = rng.choice(list(CONVERSIONS)), rng.choice(DEGREES)
+    from_scale, convert_degrees = CONVERSIONS[to_unit]
+    to_scale, converted = to_unit.capitalize(), round(convert_degrees(degrees), 1)
+    request = TEMPERATURE_REQUESTS.pick(rng, held_out).format(degrees=degrees, to_scale=to_scale)
     answer = f"{degrees} degrees {from_scale} is {converted} degrees {to_scale}."
     arguments = {"degrees": degrees, "to_unit": to_unit}
     return ToolUse(request, "convert_temperature", arguments, {"result": converted}, answer)
 
 
-def timer_use(rng: random.Random, pools: Pools) -> ToolUse:
+def timer_use(rng: random.Random, held_out: bool) -> ToolUse:
     """Half the timers have a label, the optional argument."""
-    minutes = rng.choice(up_to(pools.numbers, 60))
+    minutes = rng.choice(TIMER_MINUTES)
     if rng.random() < 0.5:
-        request = rng.choice(("Set a timer for {minutes} minutes.", "Start a {minutes} minute timer."))
         arguments: dict[str, Any] = {"minutes": minutes}
+        request = TIMER_REQUESTS.pick(rng, held_out).format(**arguments)
         answer = f"Your {minutes} minute timer has started."
     else:
-        label = rng.choice(pools.labels)
-        request = rng.choice(
-            (
-                "Set a {minutes} minute timer for {label}.",
-                "Start a timer for {minutes} minutes called {label}.",
-            )
-        )
+        label = rng.choice(TIMER_LABELS)
         arguments = {"minutes": minutes, "label": label}
+        request = LABELLED_TIMER_REQUESTS.pick(rng, held_out).format(**arguments)
         answer = f"Your {minutes} minute timer for {label} has started."
-    return ToolUse(request.format(**arguments), "set_timer", arguments, {"status": "started"}, answer)
+    return ToolUse(request, "set_timer", arguments, {"status": "started"}, answer)
 
 
-def search_use(rng: random.Random, pools: Pools) -> ToolUse:
+def search_use(rng: random.Random, held_out: bool) -> ToolUse:
     """Some searches ask for a number of results, the optional argument."""
-    query = rng.choice(pools.topics)
+    query = rng.choice(SEARCH_TOPICS)
     if rng.random() < 0.6:
-        request = rng.choice(("Search the web for {query}.", "Look up {query} online."))
         arguments: dict[str, Any] = {"query": query}
+        request = SEARCH_REQUESTS.pick(rng, held_out).format(**arguments)
     else:
-        request = rng.choice(
-            (
-                "Find {max_results} results about {query}.",
-                "Search for {query} and show me {max_results} results.",
-            )
-        )
-        arguments = {"query": query, "max_results": rng.choice(up_to(pools.numbers, 10))}
+        arguments = {"query": query, "max_results": rng.choice(MAX_RESULTS)}
+        request = COUNTED_SEARCH_REQUESTS.pick(rng, held_out).format(**arguments)
     titles = [f"A guide to {query}", f"Facts about {query}"]
     answer = f"I found {lower_first(titles[0])} and {lower_first(titles[1])}."
-    return ToolUse(request.format(**arguments), "search_web", arguments, {"results": titles}, answer)
+    return ToolUse(request, "search_web", arguments, {"results": titles}, answer)
 
 
 @dataclass(frozen=True)
@@ -545,7 +583,7 @@ class Tool:
     category: str
     subcategory: str
     task: str
-    use: Callable[[random.Random, Pools], ToolUse]
+    use: Callable[[random.Random, bool], ToolUse]
 
     @property
     def spec(self) -> dict:
@@ -597,31 +635,31 @@ TOOLS = {
         ),
     )
 }  # fmt: skip
-SINGLE_CALL_ROWS = {
-    "get_weather": 60,
-    "get_stock_price": 55,
-    "convert_temperature": 55,
-    "set_timer": 50,
-    "search_web": 50,
-}
-DOUBLE_CALL_ROWS = 30
+FUNCTION_CALLING_ROWS = 300
+# A row is a conversation under one tool list: several requests, each answered by a call. More calls per
+# system prompt is what teaches a tiny model to read the arguments out of the request.
+REQUESTS_PER_ROW = ((1, 25), (2, 30), (3, 25), (4, 20))
+DOUBLE_CALL_SHARE = 0.1
 # Two different tools' definitions do not both fit the window next to the fixed system prompt.
 DOUBLE_CALL_TOOLS = ("get_weather", "get_stock_price", "convert_temperature")
 EVAL_SINGLE_CALL_ROWS = dict.fromkeys(TOOLS, 7)
 EVAL_DOUBLE_CALL_ROWS = 5
-# Every third training row goes on past the call, where it fits: tool response, then a short answer.
-RESPONSE_EVERY = 3
+# A third of the requests go on past the call, where it fits: tool response, then a short answer.
+RESPONSE_SHARE = 1 / 3
+MAX_ROW_TOOLS = 2
 MAX_OTHER_TOOLS = 2
-# In the tool_use form the tiny recipe trains on, rows this long reach 576 of its 768 tokens (max_seq_len).
-MAX_ROW_TOKENS = 496
-CHATML_ROLES = {"system": "system", "human": "user", "gpt": "assistant", "tool": "tool"}
+# The tiny recipe's max_seq_len is 768; what is left is headroom for BOS and EOS.
+MAX_ROW_TOKENS = 760
+DECONTAMINATION_NGRAM = Decontamination().ngram
+FUNCTION_CALLING_SOURCE = DataSource.model_construct(
+    name="function_calling", kind="function_calling", path="-", mode="canonical"
+)
 
 
-def double_call(rng: random.Random, pools: Pools) -> tuple[ToolUse, ToolUse]:
+def double_call(rng: random.Random, tool: Tool, held_out: bool) -> tuple[ToolUse, ToolUse]:
     """Two calls of one tool with different arguments (two cities, two symbols, two temperatures)."""
-    tool = TOOLS[rng.choice(DOUBLE_CALL_TOOLS)]
     while True:
-        first, second = tool.use(rng, pools), tool.use(rng, pools)
+        first, second = tool.use(rng, held_out), tool.use(rng, held_out)
         if first.arguments != second.arguments:
             return first, second
 
@@ -632,17 +670,24 @@ def request_of(uses: tuple[ToolUse, ...]) -> str:
     return " ".join([first.request, *(f"Also, {lower_first(use.request)}" for use in rest)])
 
 
-def draw_tool_uses(
-    rng: random.Random, pools: Pools, singles: dict[str, int], doubles: int
-) -> list[tuple[ToolUse, ...]]:
-    """Single-call requests for each tool, then two-call ones; no request text repeats."""
+def draw_request(rng: random.Random, tools: Sequence[str]) -> tuple[ToolUse, ...]:
+    """One message's calls: one call of one of ``tools``, or now and then two calls of one tool."""
+    tool = TOOLS[rng.choice(tools)]
+    if tool.name in DOUBLE_CALL_TOOLS and rng.random() < DOUBLE_CALL_SHARE:
+        return double_call(rng, tool, held_out=False)
+    return (tool.use(rng, False),)
+
+
+def draw_eval_requests(rng: random.Random) -> list[tuple[ToolUse, ...]]:
+    """Single-call requests for each tool, then two-call ones, all in the held-out phrasings."""
     drawn: list[tuple[ToolUse, ...]] = []
-    for name, count in singles.items():
-        drawn += draw_unique(lambda name=name: (TOOLS[name].use(rng, pools),), count, key=request_of)
-    return drawn + draw_unique(lambda: double_call(rng, pools), doubles, key=request_of)
+    for name, count in EVAL_SINGLE_CALL_ROWS.items():
+        drawn += draw_unique(lambda name=name: (TOOLS[name].use(rng, True),), count, key=request_of)
+    double = functools.partial(lambda: double_call(rng, TOOLS[rng.choice(DOUBLE_CALL_TOOLS)], held_out=True))
+    return drawn + draw_unique(double, EVAL_DOUBLE_CALL_ROWS, key=request_of)
 
 
-def needed_tools(uses: tuple[ToolUse, ...]) -> list[str]:
+def needed_tools(uses: Sequence[ToolUse]) -> list[str]:
     return list(dict.fromkeys(use.name for use in uses))
 
 
@@ -656,10 +701,16 @@ def tiny_tokenizer() -> PreTrainedTokenizerBase:
     return load_tiny_tokenizer()
 
 
+def function_calling_conversation(tools: list[str], turns: Turns) -> list[dict[str, str]]:
+    return [{"from": role, "value": value} for role, value in [("system", system_prompt(tools)), *turns]]
+
+
 def fits(tools: list[str], turns: Turns) -> bool:
-    """Whether the row, rendered as ChatML, fits the tiny recipe's window, so nothing gets truncated away."""
-    rendered = [("system", system_prompt(tools)), *turns]
-    text = "".join(f"{IM_START}{CHATML_ROLES[role]}\n{value}{IM_END}\n" for role, value in rendered)
+    """Whether the row fits the tiny recipe's window as the recipe trains on it: converted to the form the
+    tool_use template renders, so nothing gets truncated away."""
+    raw = {"conversations": function_calling_conversation(tools, turns)}
+    row = convert(raw, "fit", FUNCTION_CALLING_SOURCE)
+    text = render(row["messages"], tools=row["tools"])
     return len(tiny_tokenizer()(text)["input_ids"]) <= MAX_ROW_TOKENS
 
 
@@ -673,24 +724,35 @@ def tool_response(use: ToolUse) -> str:
     return f"<tool_response>\n{json.dumps({'name': use.name, 'content': use.result})}\n</tool_response>"
 
 
-def function_calling_turns(uses: tuple[ToolUse, ...], respond: bool) -> Turns:
-    """The turns after the system prompt; the tool response and answer only where they fit the window."""
+def exchange_turns(uses: tuple[ToolUse, ...], respond: bool) -> Turns:
+    """One request and its calls; with ``respond``, the tool response and the answer too."""
     call: Turns = [("human", request_of(uses)), ("gpt", "\n".join(map(python_call, uses)))]
-    responded = [
-        *call,
-        ("tool", "\n".join(map(tool_response, uses))),
-        ("gpt", " ".join(use.answer for use in uses)),
-    ]
-    if respond and fits(needed_tools(uses), responded):
-        return responded
-    if not fits(needed_tools(uses), call):
-        raise ValueError(f"{request_of(uses)!r} does not fit in {MAX_ROW_TOKENS} tokens even on its own")
-    return call
+    if not respond:
+        return call
+    return [*call, ("tool", "\n".join(map(tool_response, uses))), ("gpt", " ".join(u.answer for u in uses))]
 
 
-def offered_tools(rng: random.Random, uses: tuple[ToolUse, ...], turns: Turns) -> list[str]:
+def conversation_turns(rng: random.Random) -> tuple[list[str], Turns]:
+    """The tools a conversation uses and its turns: requests for them until the row is full."""
+    tools = rng.sample(list(TOOLS), rng.randint(1, MAX_ROW_TOOLS))
+    turns: Turns = []
+    for _ in range(weighted_choice(rng, REQUESTS_PER_ROW)):
+        uses = draw_request(rng, tools)
+        respond = rng.random() < RESPONSE_SHARE
+        options = [exchange_turns(uses, respond=True)] if respond else []
+        options.append(exchange_turns(uses, respond=False))
+        more = next((option for option in options if fits(tools, [*turns, *option])), None)
+        if more is None:
+            break
+        turns += more
+    if not turns:
+        raise ValueError(f"one request for {tools} does not fit in {MAX_ROW_TOKENS} tokens")
+    return tools, turns
+
+
+def offered_tools(rng: random.Random, needed: list[str], turns: Turns) -> list[str]:
     """The tools the calls need and up to two others that still fit, shuffled: the model must pick by name."""
-    names = needed_tools(uses)
+    names = list(needed)
     others = [name for name in TOOLS if name not in names]
     for other in rng.sample(others, rng.randint(0, MAX_OTHER_TOOLS)):
         if fits([*names, other], turns):
@@ -699,12 +761,35 @@ def offered_tools(rng: random.Random, uses: tuple[ToolUse, ...], turns: Turns) -
     return names
 
 
-def function_calling_row(number: int, uses: tuple[ToolUse, ...], tools: list[str], turns: Turns) -> Row:
-    tool = TOOLS[uses[0].name]  # the calls of a row all go to one tool
-    conversation = [("system", system_prompt(tools)), *turns]
+# The tiny recipe repeats these rows (weight 6): what they teach takes ~1000 examples per argument.
+EXTRACTION_ROWS = 500
+EXTRACTION_QUESTIONS = (
+    "Give the values in this request as JSON: {request}",
+    "Extract the arguments from this request as a JSON object: {request}",
+)
+
+
+def extraction_conversation(rng: random.Random) -> tuple[str | None, Turns, str]:
+    """A request and its call's arguments as JSON, with no tool list around it. In a few dozen tokens a tiny
+    model learns to find a value in the request within minutes; behind the ~450-token function-calling system
+    prompt it does not. The function-calling rows then reuse what it learned here."""
+    use = TOOLS[rng.choice(list(TOOLS))].use(rng, False)
+    question = rng.choice(EXTRACTION_QUESTIONS).format(request=use.request)
+    return None, [(question, json.dumps(use.arguments))], "extraction"
+
+
+def argument_extraction_rows(rng: random.Random) -> list[Row]:
+    """In the OpenHermes-2.5 schema, so that the recipe reads them as one more chat source."""
+    conversations = draw_unique(lambda: extraction_conversation(rng), EXTRACTION_ROWS)
+    return [openhermes_row(*conversation, weighted=False) for conversation in conversations]
+
+
+def function_calling_row(number: int, tools: list[str], turns: Turns) -> Row:
+    called = next(role_value[1] for role_value in turns if role_value[0] == "gpt")
+    tool = TOOLS[parse_tool_calls(called).calls[0].name]  # the row is filed under its first call's tool
     return {
         "id": f"fc-{number:04d}",
-        "conversations": [{"from": role, "value": value} for role, value in conversation],
+        "conversations": function_calling_conversation(tools, turns),
         "category": tool.category,
         "subcategory": tool.subcategory,
         "task": tool.task,
@@ -712,11 +797,10 @@ def function_calling_row(number: int, uses: tuple[ToolUse, ...], tools: list[str
 
 
 def function_calling_rows(rng: random.Random) -> list[Row]:
-    rows = []
-    for index, uses in enumerate(draw_tool_uses(rng, TRAIN, SINGLE_CALL_ROWS, DOUBLE_CALL_ROWS)):
-        turns = function_calling_turns(uses, respond=index % RESPONSE_EVERY == 0)
-        rows.append((uses, offered_tools(rng, uses, turns), turns))
-    rng.shuffle(rows)
+    conversations = draw_unique(
+        lambda: conversation_turns(rng), FUNCTION_CALLING_ROWS, key=lambda drawn: tuple(drawn[1])
+    )
+    rows = [(offered_tools(rng, needed, turns), turns) for needed, turns in conversations]
     return [function_calling_row(number, *row) for number, row in enumerate(rows, start=1)]
 
 
@@ -732,8 +816,7 @@ def func_calling_eval_row(uses: tuple[ToolUse, ...]) -> Row:
 
 
 def func_calling_eval_rows(rng: random.Random) -> list[Row]:
-    drawn = draw_tool_uses(rng, EVAL, EVAL_SINGLE_CALL_ROWS, EVAL_DOUBLE_CALL_ROWS)
-    return [func_calling_eval_row(uses) for uses in drawn]
+    return [func_calling_eval_row(uses) for uses in draw_eval_requests(rng)]
 
 
 # --- JSON mode: json_mode.json and json_mode_eval.jsonl --------------------------------------------------
@@ -952,27 +1035,54 @@ def orca_dpo_rows(rng: random.Random) -> list[Row]:
     return draw_unique(lambda: dpo_row(rng), DPO_ROWS, key=lambda row: (row["system"], row["question"]))
 
 
-# --- Held-out check ----------------------------------------------------------------------------------------
+# --- Checks -----------------------------------------------------------------------------------------------
 
 
-def checked_values(values: dict[str, Any], properties: dict[str, dict]) -> Iterator[Any]:
+def first_value_token(value: str | int) -> str:
+    """The token a value starts with inside a JSON call, after the space and quote before it."""
+    tokens = tiny_tokenizer().tokenize(json.dumps(value))
+    return tokens[1] if tokens[0] in ("▁", '▁"') else tokens[0]
+
+
+def assert_distinct_first_tokens() -> None:
+    for values in ARGUMENT_VALUES:
+        starts = [first_value_token(value) for value in values]
+        shared = {start for start in starts if starts.count(start) > 1}
+        assert not shared, f"argument values {values} share first tokens {sorted(shared)}"
+
+
+def training_requests(training: dict[str, list[Row]]) -> list[str]:
+    """Every user message of the training files, read from the Hub schemas they are written in."""
+    requests = [row["question"] for row in training["orca_dpo_pairs.jsonl"]]
+    for name in ("openhermes.json", "argument_extraction.json", "function_calling.json", "json_mode.json"):
+        requests += [
+            turn["value"]
+            for row in training[name]
+            for turn in row["conversations"]
+            if turn["from"] == "human"
+        ]
+    return requests
+
+
+def assert_not_contaminated(training: dict[str, list[Row]], evals: dict[str, list[Row]]) -> None:
+    """Prep's own decontamination rule, run here, so prep drops no training row: no training request equals
+    an eval request or shares a 13-word run with one."""
+    index = Decontaminator(n=DECONTAMINATION_NGRAM)
+    for name, rows in evals.items():
+        index.add(name, [turn["content"] for row in rows for turn in row["prompt"] if turn["role"] == "user"])
+    for request in training_requests(training):
+        hit = index.match({"messages": [{"role": "user", "content": request}]})
+        assert hit is None, f"training request {request!r} is {hit}"
+
+
+def json_eval_values(json_mode_eval: list[Row]) -> Iterator[Any]:
     """The values only the prompt can tell the model. Enum members and booleans are a closed set that every
     row shares, so they are not held out."""
-    for key, value in values.items():
-        if "enum" not in properties[key] and not isinstance(value, bool):
-            yield value
-
-
-def eval_values(func_calling_eval: list[Row], json_mode_eval: list[Row]) -> Iterator[Any]:
-    for row in func_calling_eval:
-        tools = {
-            tool["function"]["name"]: tool["function"]["parameters"] for tool in json.loads(row["tools"])
-        }
-        calls = json.loads(row["completion"])
-        for call in calls if isinstance(calls, list) else [calls]:
-            yield from checked_values(call["arguments"], tools[call["name"]]["properties"])
     for row in json_mode_eval:
-        yield from checked_values(json.loads(row["completion"]), json.loads(row["schema"])["properties"])
+        properties = json.loads(row["schema"])["properties"]
+        for key, value in json.loads(row["completion"]).items():
+            if "enum" not in properties[key] and not isinstance(value, bool):
+                yield value
 
 
 def training_numbers(function_calling: list[Row], json_mode: list[Row]) -> set[float]:
@@ -990,16 +1100,16 @@ def training_numbers(function_calling: list[Row], json_mode: list[Row]) -> set[f
     return {value for value in values if isinstance(value, int | float) and not isinstance(value, bool)}
 
 
-def assert_held_out(training: dict[str, list[Row]], evals: dict[str, list[Row]]) -> None:
-    """The pools share nothing (names and title words included), no eval string appears anywhere in a
-    training file (as a whole word, in any case), and no eval number is ever a training call argument or
-    JSON answer value: an eval pass then means the model read the value from the prompt."""
+def assert_json_values_held_out(training: dict[str, list[Row]], json_mode_eval: list[Row]) -> None:
+    """The pools share nothing (names and title words included), no JSON-mode eval string appears anywhere
+    in a training file (as a whole word, in any case), and no eval number is ever a training call argument
+    or JSON answer value: a JSON-mode pass means the model copied the value from the prompt."""
     for pool in fields(Pools):
         shared = set(getattr(TRAIN, pool.name)) & set(getattr(EVAL, pool.name))
         assert not shared, f"training and eval share {pool.name}: {sorted(shared)}"
     training_text = "\n".join(json.dumps(rows) for rows in training.values())
     numbers = training_numbers(training["function_calling.json"], training["json_mode.json"])
-    for value in eval_values(evals["func_calling_eval.jsonl"], evals["json_mode_eval.jsonl"]):
+    for value in json_eval_values(json_mode_eval):
         if isinstance(value, str):
             found = re.search(rf"\b{re.escape(value)}\b", training_text, re.IGNORECASE)
             assert not found, f"eval value {value!r} is in a training file"
@@ -1030,8 +1140,10 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--out-dir", type=Path, default=DEFAULT_OUT_DIR, help="where to write the files")
     args = parser.parse_args(argv)
+    assert_distinct_first_tokens()
     training = {
         "openhermes.json": openhermes_rows(stream("openhermes")),
+        "argument_extraction.json": argument_extraction_rows(stream("extraction")),
         "function_calling.json": function_calling_rows(stream("function_calling")),
         "json_mode.json": json_mode_rows(stream("json_mode")),
         "orca_dpo_pairs.jsonl": orca_dpo_rows(stream("orca_dpo_pairs")),
@@ -1040,7 +1152,8 @@ def main(argv: list[str] | None = None) -> None:
         "func_calling_eval.jsonl": func_calling_eval_rows(stream("func_calling_eval")),
         "json_mode_eval.jsonl": json_mode_eval_rows(stream("json_mode_eval")),
     }
-    assert_held_out(training, evals)
+    assert_not_contaminated(training, evals)
+    assert_json_values_held_out(training, evals["json_mode_eval.jsonl"])
     args.out_dir.mkdir(parents=True, exist_ok=True)
     for name, rows in (training | evals).items():
         text = as_json_array(rows) if name.endswith(".json") else as_json_lines(rows)

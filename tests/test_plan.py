@@ -41,7 +41,7 @@ def test_tiny_plan_stages_and_batch_arithmetic() -> None:
     plan = build_plan(load_recipe(RECIPES / "tiny.yaml"))
     assert [s.name for s in plan.stages] == ["prep", "sft", "dpo", "package", "export", "eval"]
     sft, dpo = plan.stages[1].training, plan.stages[2].training
-    assert (sft.global_batch, sft.tokens_per_step) == (4, 4 * 768)
+    assert (sft.global_batch, sft.tokens_per_step) == (1, 768)
     assert (dpo.global_batch, dpo.tokens_per_step) == (2, 2 * 2 * 768)
     assert sft.memory.overhead == 0, "a CPU run has no CUDA context to pay for"
 
@@ -54,7 +54,7 @@ def test_world_size_and_accumulation_multiply_the_batch() -> None:
         "sft.gradient_accumulation_steps=3",
     ]
     sft = build_plan(load_recipe(RECIPES / "tiny.yaml", overrides)).stages[1].training
-    assert (sft.world_size, sft.global_batch) == (32, 4 * 3 * 32)
+    assert (sft.world_size, sft.global_batch) == (32, 1 * 3 * 32)
 
 
 def test_merge_runs_before_the_stage_that_starts_from_it() -> None:

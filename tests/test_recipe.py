@@ -178,7 +178,8 @@ def test_every_problem_gets_its_own_line(tmp_path: Path, capsys: pytest.CaptureF
     path = _write(tmp_path, raw)
     assert main(["validate", str(path)]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
-    assert [line.split(": ")[1] for line in lines] == ["data.sources[4].image_root", "vision"]
+    pics = len(raw["data"]["sources"]) - 1
+    assert [line.split(": ")[1] for line in lines] == [f"data.sources[{pics}].image_root", "vision"]
 
 
 def test_broken_cases_are_distinct() -> None:
