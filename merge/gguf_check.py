@@ -2,7 +2,8 @@
 
 The classic ways a Hermes GGUF breaks: EOS/EOT not ``<|im_end|>`` (generation never stops), the tool_use
 template dropped (servers do not parse tool calls), ``<|im_end|>`` split into pieces, a tokenizer that
-tokenizes differently from the original, and weights that no longer compute the same function.
+tokenizes differently from the original, and weights that no longer compute the same function. Last, the
+file is served by llama.cpp's own server (merge/server_check.py), the engine users run it with.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 from hermes_pipeline.chat_format.tokens import IM_END
 from hermes_pipeline.errors import UserError
 from merge.probes import CONVERSATIONS, probe_ids, probe_logits, probe_texts
+from merge.server_check import check_served
 
 # f16 logits may differ from the Hugging Face model's by this much relative to the largest logit
 # (half-precision weights and a different kernel order).
@@ -39,6 +41,7 @@ class GgufReport:
     logits_relative_difference: float | None = None
     top1_agreement: float | None = None
     reply: str = ""
+    server: dict[str, Any] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
@@ -50,7 +53,8 @@ class GgufReport:
             if self.logits_relative_difference is not None
             else f"top-1 agreement with the reference {self.top1_agreement:.1%}"
         )
-        return f"{self.file}: verified ({parity}; stops at {IM_END})"
+        served = f"{self.server.get('templates_rendered', 0)} prompts rendered and tool calls parsed by llama-server"
+        return f"{self.file}: verified ({parity}; stops at {IM_END}; {served})"
 
 
 class Reference(NamedTuple):
@@ -99,9 +103,11 @@ def verify_gguf(path: Path, model_dir: Path, gguf_type: str, reference: Referenc
     report.reply, stopped = reply(llm, probe_texts(tokenizer)[0])
     if not stopped:
         problems.append(f"a greedy reply did not end at {IM_END} within {REPLY_TOKENS} tokens")
-    report.problems = problems
-    if problems:
-        raise GgufCheckFailed(f"{path.name}: " + "; ".join(problems))
+    served = check_served(path, model_dir, tokenizer)
+    report.server = served.as_dict()
+    report.problems = problems + served.problems
+    if report.problems:
+        raise GgufCheckFailed(f"{path.name}: " + "; ".join(report.problems))
     return report
 
 

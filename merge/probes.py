@@ -59,6 +59,48 @@ CONVERSATIONS: list[tuple[list[dict], list[dict] | None]] = [
 ]
 
 
+UNITS_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "set_units",
+        "description": "Choose the temperature unit for every later answer.",
+        "parameters": {
+            "type": "object",
+            "properties": {"unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
+            "required": ["unit"],
+        },
+    },
+}
+
+# Conversations a server must render exactly as transformers does: every construct of the tool_use
+# template (several tools and parameter types, a user system turn, tool calls with object and with string
+# arguments, consecutive tool responses, a later plain turn) and the default template with a system turn.
+SERVED_CONVERSATIONS: list[tuple[list[dict], list[dict] | None]] = [
+    CONVERSATIONS[1],
+    (
+        [
+            {"role": "system", "content": "Answer briefly."},
+            {"role": "user", "content": "Weather in Oslo and in Rome, in celsius?"},
+            {
+                "role": "assistant",
+                "tool_calls": [
+                    {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Oslo"}}},
+                    {
+                        "type": "function",
+                        "function": {"name": "get_weather", "arguments": '{"city": "Rome"}'},
+                    },
+                ],
+            },
+            {"role": "tool", "name": "get_weather", "content": '{"name": "get_weather", "content": 3}'},
+            {"role": "tool", "name": "get_weather", "content": '{"name": "get_weather", "content": 19}'},
+            {"role": "assistant", "content": "Oslo 3 °C, Rome 19 °C."},
+            {"role": "user", "content": "Thanks!"},
+        ],
+        [WEATHER_TOOL, UNITS_TOOL],
+    ),
+]
+
+
 def probe_texts(tokenizer: PreTrainedTokenizerBase) -> list[str]:
     """Every probe rendered up to the assistant's turn, as a server would send it."""
     return [

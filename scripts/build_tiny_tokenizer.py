@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 from pathlib import Path
 
 import sentencepiece as spm
@@ -86,10 +87,15 @@ def build_tokenizer(out_dir: Path) -> PreTrainedTokenizerBase:
 
 
 def write_model_configs(tokenizer: PreTrainedTokenizerBase, config_dir: Path) -> None:
-    """Write ``tiny-<arch>.json`` (a model's config.json) for every architecture, sized for ``tokenizer``."""
+    """Write ``tiny-<arch>.json`` (a model's config.json) for every architecture, sized for ``tokenizer``.
+
+    Without transformers' version stamp, which would make the rebuild differ on every transformers release."""
     config_dir.mkdir(parents=True, exist_ok=True)
     for arch in ARCHS:
-        tiny_model_config(arch, tokenizer=tokenizer).to_json_file(config_dir / f"tiny-{arch}.json")
+        config = tiny_model_config(arch, tokenizer=tokenizer).to_diff_dict()
+        config.pop("transformers_version", None)
+        text = json.dumps(config, indent=2, sort_keys=True) + "\n"
+        (config_dir / f"tiny-{arch}.json").write_text(text, encoding="utf-8")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
@@ -12,14 +13,17 @@ import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
-from hermes_pipeline.chat_format.tokens import IM_END, prepare_tokenizer, save_tokenizer
+from hermes_pipeline.chat_format.tokens import IM_END, IM_START, prepare_tokenizer, save_tokenizer
 from hermes_pipeline.errors import UserError
 from hermes_pipeline.recipe.schema import PackageSection
 from hermes_pipeline.tiny import build_tiny_model, load_tiny_tokenizer, tiny_model_config
 from merge.gguf import export_gguf, file_name, is_llama3_tokenizer
 from merge.gguf_check import GgufCheckFailed, load, read_metadata, reply
+from merge.llama_server import free_port
 from merge.package import write_generation_settings
-from merge.probes import probe_texts
+from merge.probes import SERVED_CONVERSATIONS, UNITS_TOOL, WEATHER_TOOL, probe_texts
+from merge.serve import serve
+from merge.server_check import FORCED_CALL_PREFIX, sampling_defaults
 
 pytestmark = pytest.mark.slow
 
@@ -77,6 +81,114 @@ def test_export_writes_every_type_and_records_the_checks(exported: Path) -> None
     assert reports["f16"]["logits_relative_difference"] <= 0.02
     assert reports["q8_0"]["top1_agreement"] >= 0.9 and reports["q4_k_m"]["top1_agreement"] >= 0.9
     assert all(not r["problems"] for r in reports.values())
+    for report in reports.values():  # every file was served by llama-server and passed its checks there
+        served = report["server"]
+        assert served["supports_tools"] and served["supports_tool_calls"]
+        assert served["templates_rendered"] == len(SERVED_CONVERSATIONS)
+        assert served["tool_call_format"] == "peg-native"
+        assert [call["name"] for call in served["tool_calls"]] == ["set_units"]
+        assert served["sampling"]["repeat_penalty"] == pytest.approx(PackageSection().repetition_penalty)
+
+
+def test_gguf_carries_the_packaged_sampling_defaults(exported: Path, model_dir: Path) -> None:
+    """llama-server and LM Studio start from general.sampling.*; transformers' defaults fill what
+    generation_config.json leaves out, and the repetition penalty covers the whole context as there."""
+    import gguf
+
+    reader = gguf.GGUFReader(exported / "tiny-Q8_0.gguf")
+    stored = {
+        key.removeprefix("general.sampling."): field.contents()
+        for key, field in reader.fields.items()
+        if key.startswith("general.sampling.")
+    }
+    package = PackageSection()
+    assert stored == pytest.approx(
+        {
+            "temp": package.temperature,
+            "top_p": package.top_p,
+            "top_k": 50,
+            "min_p": 0.0,
+            "penalty_repeat": package.repetition_penalty,
+            "penalty_last_n": -1,
+        }
+    )
+    assert sampling_defaults(model_dir) == pytest.approx(stored)
+
+
+def test_serve_answers_a_tools_request_with_parsed_tool_calls(exported: Path) -> None:
+    """A client's request while `serve` runs: the assistant turn is prefilled up to the enum argument (the
+    tiny model does not call tools by itself); llama.cpp completes it under its grammar and parses it."""
+    answers = []
+
+    def ask(url: str) -> None:
+        body = {
+            "messages": [
+                {"role": "user", "content": "Fahrenheit please."},
+                {"role": "assistant", "content": FORCED_CALL_PREFIX},
+            ],
+            "tools": [WEATHER_TOOL, UNITS_TOOL],
+            "tool_choice": "required",
+            "parallel_tool_calls": False,
+            "max_tokens": 32,
+        }
+        request = urllib.request.Request(
+            f"{url}/v1/chat/completions", json.dumps(body).encode(), {"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(request, timeout=60) as response:
+            answers.append(json.loads(response.read())["choices"][0])
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    report = serve(exported, port=port, gguf_type="q4_k_m", log=lambda _: None, until=lambda: ask(url))
+    assert report.tool_call_format == "peg-native" and report.supports_tools
+    assert answers[0]["finish_reason"] == "tool_calls"
+    (call,) = answers[0]["message"]["tool_calls"]
+    assert call["function"]["name"] == "set_units"
+    assert json.loads(call["function"]["arguments"])["unit"] in ("celsius", "fahrenheit")
+
+
+def test_a_template_llama_cpp_cannot_run_fails_the_export(model_dir: Path, tmp_path: Path) -> None:
+    """`| default` on a mapping renders in Python's Jinja (and so in transformers) but not in llama.cpp's
+    engine, where every request with tools then fails: the export must refuse such a file."""
+    line = "{%- set params = params if params is defined and params is not none else {} -%}"
+
+    def python_only(config: dict) -> dict:
+        for entry in config["chat_template"]:
+            if entry["name"] == "tool_use":
+                assert line in entry["template"]
+                entry["template"] = entry["template"].replace(
+                    line, "{%- set params = params | default({}, true) -%}"
+                )
+        return config
+
+    out = tmp_path / "gguf"
+    with pytest.raises(GgufCheckFailed, match="llama-server"):
+        export_gguf(_edited(model_dir, tmp_path, python_only), out, ["f16"], "tiny", log=lambda _: None)
+    assert not out.exists() and not list(tmp_path.glob("gguf*"))
+
+
+def test_where_llama_cpp_and_transformers_tokenize_alike(exported: Path, model_dir: Path) -> None:
+    """The GGUF is written with add_space_prefix=false so that ChatML prompts tokenize exactly as in
+    transformers (no space after <|im_start|>). The price: raw text at the very start of a prompt, with no
+    special token before it and no leading space, gets no "▁" in llama.cpp, where transformers adds one.
+    Every prompt a chat template renders starts with a special token, so chat never meets it."""
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    llm = load(exported / "tiny-f16.gguf")
+
+    def both(text: str) -> tuple[list[int], list[int]]:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        return ids, llm.tokenize(text.encode(), add_bos=False, special=True)
+
+    for text in (
+        f"{IM_START}user\nHello world{IM_END}\n{IM_START}assistant\n",
+        " Hello world",
+        "<tool_call>\nHello world",
+        *probe_texts(tokenizer),
+    ):
+        ours, theirs = both(text)
+        assert ours == theirs, text
+    ours, theirs = both("Hello world")
+    assert ours != theirs and ours == both(" Hello world")[0]
 
 
 def test_gguf_metadata_carries_eos_templates_and_control_tokens(exported: Path, model_dir: Path) -> None:
