@@ -169,6 +169,41 @@ def render_dpo(row: dict[str, Any], template: str, bos_token: str) -> tuple[str,
     return prompt, chosen, rejected
 
 
+def tokenize_dpo(
+    tokenizer: PreTrainedTokenizerBase, prompt: str, chosen: str, rejected: str
+) -> dict[str, list[int]]:
+    """Prompt and completion tokens as they stand in the whole conversation, not as each text alone.
+
+    A completion tokenized alone is not the completion the model writes after the prompt: a SentencePiece
+    vocabulary starts it with a "▁" piece it never has after ``<|im_start|>assistant\\n``, and an answer
+    that starts with a space (as many rejected ones do) gets tokens it would not get in context. So
+    prompt + chosen and prompt + rejected are tokenized whole and split where the prompt's own tokens end.
+
+    A tokenizer may merge the prompt's last characters with the completion's first into one token
+    (byte-level BPE joins ``\\n`` + ``\\n``). The shared prompt then stops before the first token on
+    which the prompt alone and either conversation differ, and the tokens from there on open each
+    completion: prompt + completion ids are always exactly the conversation's ids.
+    """
+    alone, with_chosen, with_rejected = (
+        encoding.ids
+        for encoding in tokenizer.backend_tokenizer.encode_batch(
+            [prompt, prompt + chosen, prompt + rejected], add_special_tokens=False
+        )
+    )
+    cut = min(_shared_length(alone, with_chosen), _shared_length(alone, with_rejected))
+    return {
+        "prompt_input_ids": alone[:cut],
+        "chosen_input_ids": with_chosen[cut:],
+        "rejected_input_ids": with_rejected[cut:],
+    }
+
+
+def _shared_length(first: list[int], second: list[int]) -> int:
+    """How many leading ids two sequences share."""
+    shorter = min(len(first), len(second))
+    return next((i for i in range(shorter) if first[i] != second[i]), shorter)
+
+
 def _assistant_text(message: dict[str, Any]) -> str:
     """An assistant turn's text as the templates write it: structured tool calls become Hermes blocks."""
     calls = message.get("tool_calls")

@@ -68,7 +68,8 @@ def score_predictions(
 
     ``eval_set`` names the set in the results and stands in as the category of rows that have none; it
     defaults to the file's name. ``lenient`` adds a second, separately reported function-calling score
-    that also reads Python-dict calls; JSON mode already reads Python literals, as published.
+    that also reads Python-dict calls and arguments given as a JSON string; JSON mode already reads Python
+    literals, as published.
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")

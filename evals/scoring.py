@@ -20,14 +20,19 @@ Where the published rules leave room, these choices hold (each is pinned by a te
   call stand for two expected ones.
 - JSON mode: the answer must be the bare value. Surrounding whitespace is tolerated (``json.loads`` allows
   it); a Markdown fence is not, as the published parser does not accept one.
-- Strict scoring reads calls as JSON only, the published rule. ``lenient=True`` also reads the Python-dict
-  form of the training data; it is reported beside the strict number, never in its place.
+- Strict scoring reads calls as JSON only and fails a call whose ``arguments`` is a JSON string rather than
+  an object (``arguments_not_object``), the published rules. ``lenient=True`` also reads the Python-dict
+  form of the training data and accepts arguments sent as a JSON string, as OpenAI's API carries them; it
+  is reported beside the strict number, never in its place.
+
+README.md ("Where our scoring differs from the published evaluator") lists each deliberate difference.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -41,6 +46,7 @@ from referencing.exceptions import Unresolvable
 from hermes_pipeline.chat_format.tokens import IM_END, IM_START
 from hermes_pipeline.chat_format.tool_calls import (
     CALL_CLOSE,
+    CALL_OPEN,
     ParsedReply,
     ToolCall,
     call_from_value,
@@ -49,6 +55,7 @@ from hermes_pipeline.chat_format.tool_calls import (
 )
 
 ASSISTANT_START = f"{IM_START}assistant"
+_CALL_BLOCK = re.compile(f"{re.escape(CALL_OPEN)}(.*?){re.escape(CALL_CLOSE)}", re.DOTALL)  # published regex
 Z_95 = 1.959963984540054  # two-sided 95% quantile of the standard normal distribution
 _SHOWN_CHARS = 60
 
@@ -144,10 +151,12 @@ def score_function_calling(row: Mapping[str, Any], output: str, lenient: bool = 
     """
     signatures = _signatures(load_tools(row.get("tools")))
     expected = expected_calls(row.get("completion"))
-    reply = parse_tool_calls(assistant_text(output), allow_python=lenient)
+    text = assistant_text(output)
+    reply = parse_tool_calls(text, allow_python=lenient)
+    encoded = [] if lenient else _calls_with_encoded_arguments(text)
     parsed, wanted = [call.as_dict() for call in reply.calls], [call.as_dict() for call in expected]
     try:
-        _check_reply(reply, expected, signatures)
+        _check_reply(reply, expected, signatures, encoded)
     except _Failure as failure:
         return Verdict(False, failure.reason, failure.detail, parsed, wanted)
     return Verdict(True, None, None, parsed, wanted)
@@ -170,7 +179,27 @@ def _signatures(tools: list[dict]) -> dict[str, dict]:
     return signatures
 
 
-def _check_reply(reply: ParsedReply, expected: list[ToolCall], signatures: dict[str, dict]) -> None:
+def _calls_with_encoded_arguments(text: str) -> list[str]:
+    """The names of the calls whose ``arguments`` is JSON text rather than an object.
+
+    The codec decodes such a string (OpenAI's wire form), which training data and lenient scoring want;
+    the published evaluator fails the call, so strict scoring looks at the blocks as written. Blocks that
+    do not parse are left to ``parse_tool_calls``, which reports them.
+    """
+    names = []
+    for block in _CALL_BLOCK.findall(text):
+        try:
+            call = parse_value(block, allow_python=False)
+        except ValueError:
+            continue
+        if isinstance(call, dict) and isinstance(call.get("arguments"), str):
+            names.append(str(call.get("name")))
+    return names
+
+
+def _check_reply(
+    reply: ParsedReply, expected: list[ToolCall], signatures: dict[str, dict], encoded: list[str]
+) -> None:
     broken = [error for error in reply.errors if error.block != CALL_CLOSE]
     if broken:
         raise _Failure("malformed_call", broken[0].reason)
@@ -178,6 +207,8 @@ def _check_reply(reply: ParsedReply, expected: list[ToolCall], signatures: dict[
         raise _Failure("no_tool_call", f"expected {len(expected)} call(s), the answer makes none")
     if len(reply.calls) != len(expected):
         raise _Failure("wrong_call_count", f"expected {len(expected)} call(s), got {len(reply.calls)}")
+    if encoded:
+        raise _Failure("arguments_not_object", f"{encoded[0]}: 'arguments' is a JSON string, not an object")
     for call in reply.calls:
         _check_signature(call, signatures)
     _match(reply.calls, expected)

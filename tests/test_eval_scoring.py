@@ -50,6 +50,11 @@ def call(name: str, **arguments: Any) -> str:
     return block(json.dumps({"name": name, "arguments": arguments}))
 
 
+def encoded_call(name: str, **arguments: Any) -> str:
+    """A call whose arguments are JSON text, as OpenAI's API carries them."""
+    return block(json.dumps({"name": name, "arguments": json.dumps(arguments)}))
+
+
 OSLO = call("get_weather", city="Oslo", unit="celsius")
 BERGEN = call("get_weather", city="Bergen")
 
@@ -96,6 +101,13 @@ FUNCTION_CALLING_CASES = [
     ("Python dict, wrong value", OSLO_CELSIUS, block("{'name': 'get_weather', 'arguments': {'city': 'Rome'}}"), "malformed_call", "wrong_arguments"),
     ("unclosed tool_call", OSLO_CELSIUS, OSLO.removesuffix("</tool_call>"), "malformed_call", "malformed_call"),
     ("broken JSON beside a good call", OSLO_CELSIUS, f"{OSLO}\n{block('{oops')}", "malformed_call", "malformed_call"),
+    ("arguments as a JSON string", OSLO_CELSIUS, encoded_call("get_weather", city="Oslo", unit="celsius"), "arguments_not_object", None),
+    ("arguments as a JSON string, wrong value", OSLO_CELSIUS, encoded_call("get_weather", city="Rome"), "arguments_not_object", "wrong_arguments"),
+    ("one of two calls with JSON-string arguments", TWO_CITIES, f"{BERGEN}\n{encoded_call('get_weather', city='Oslo')}", "arguments_not_object", None),
+    ("JSON-string arguments, one call too many", OSLO_CELSIUS, f"{OSLO}\n{encoded_call('get_weather', city='Oslo')}", "wrong_call_count", "wrong_call_count"),
+    ("arguments as a JSON string of a list", OSLO_CELSIUS, block('{"name": "get_weather", "arguments": "[1]"}'), "malformed_call", "malformed_call"),
+    ("a key besides name and arguments (published ignores it)", OSLO_CELSIUS, block('{"name": "get_weather", "arguments": {"city": "Oslo", "unit": "celsius"}, "id": "call_1"}'), "malformed_call", "malformed_call"),
+    ("NaN argument (published json.loads reads it)", OSLO_CELSIUS, block('{"name": "get_weather", "arguments": {"city": "Oslo", "unit": "celsius", "x": NaN}}'), "malformed_call", "malformed_call"),
     ("no tool call", OSLO_CELSIUS, "It is 12 degrees in Oslo.", "no_tool_call", "no_tool_call"),
     ("empty output", OSLO_CELSIUS, "", "no_tool_call", "no_tool_call"),
 ]  # fmt: skip
@@ -113,6 +125,17 @@ def test_function_calling_verdicts(row: int, output: str, strict: str | None, le
     ]:
         assert (verdict.passed, verdict.reason) == (reason is None, reason), verdict.detail
         assert (verdict.detail is None) == verdict.passed
+
+
+def test_json_string_arguments_fail_strict_and_count_in_the_lenient_number(tmp_path: Path) -> None:
+    output = encoded_call("get_weather", city="Oslo", unit="celsius")
+    assert score_function_calling(FC_ROWS[OSLO_CELSIUS], output).detail == (
+        "get_weather: 'arguments' is a JSON string, not an object"
+    )
+    path = write_lines(tmp_path / "p.jsonl", [json.dumps({**FC_ROWS[OSLO_CELSIUS], "output": output})])
+    results = score_predictions(path, "function_calling", tmp_path / "out", lenient=True)
+    assert results["strict"]["passed"] == 0 and results["strict"]["failures"] == {"arguments_not_object": 1}
+    assert results["lenient"]["passed"] == 1
 
 
 def test_function_calling_verdict_carries_calls_and_a_precise_detail() -> None:

@@ -1,7 +1,11 @@
 """Rendering and masking: the fast ChatML path equals the template, spans are exact, cuts fall between turns."""
 
+import functools
+
 import pytest
 from prep_support import FIXTURES, TEXT_SOURCES
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from data_prep import sources
 from data_prep.readers import iter_records
@@ -12,9 +16,11 @@ from data_prep.tokenize import (
     plain_chatml,
     render_dpo,
     render_sft,
+    tokenize_dpo,
     tokenize_rendered,
 )
 from hermes_pipeline.chat_format.templates import render
+from hermes_pipeline.chat_format.tokens import prepare_tokenizer
 from hermes_pipeline.recipe.schema import DataSource
 from hermes_pipeline.tiny import load_tiny_tokenizer
 
@@ -149,3 +155,135 @@ def test_dpo_prompt_and_completions_as_a_server_renders_them() -> None:
         rejected
         == '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call><|im_end|>'
     )
+
+
+# --- DPO pairs in context ------------------------------------------------------------------------------
+
+LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+    r"|\s+(?!\S)|\s+"
+)
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Weather in a city.",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
+OSLO_CALL = {"name": "get_weather", "arguments": {"city": "Oslo"}}
+
+
+def _pair(prompt: list[dict], chosen: str | dict, rejected: str | dict, **extra: object) -> dict:
+    def side(answer: str | dict) -> list[dict]:
+        return [answer if isinstance(answer, dict) else {"role": "assistant", "content": answer}]
+
+    return {
+        "id": "p",
+        "source": "s",
+        "prompt": prompt,
+        "chosen": side(chosen),
+        "rejected": side(rejected),
+        **extra,
+    }
+
+
+QUESTION = [{"role": "user", "content": "Which planet is the Red Planet?"}]
+DPO_CASES = {
+    "no leading space": _pair(QUESTION, "Mars is.", "Jupiter is."),
+    "rejected starts with a space": _pair(QUESTION, "Mars is.", " Jupiter is."),
+    "chosen starts with a space": _pair(QUESTION, " Mars is.", "Jupiter is."),
+    "multi-turn prompt": _pair(
+        [
+            {"role": "system", "content": "Answer briefly."},
+            *QUESTION,
+            {"role": "assistant", "content": "Mars."},
+            {"role": "user", "content": "And the largest one?"},
+        ],
+        "Jupiter.",
+        " Saturn.",
+    ),
+    "tool turns": _pair(
+        [
+            {"role": "user", "content": "Weather in Oslo?"},
+            {"role": "assistant", "content": "", "tool_calls": [OSLO_CALL]},
+            {"role": "tool", "content": '{"name": "get_weather", "content": {"temp": 3}}'},
+        ],
+        "It is 3 degrees.",
+        {"role": "assistant", "content": "", "tool_calls": [OSLO_CALL]},
+        tools=[WEATHER_TOOL],
+    ),
+    "completion starts with a newline": _pair(QUESTION, "\n\nMars is.", "Jupiter is."),
+}
+
+
+@functools.cache
+def _llama3_style_tokenizer() -> PreTrainedTokenizerBase:
+    """A tiny byte-level BPE tokenizer with Llama 3's pre-tokenizer, trained here offline. It has "\\n\\n"
+    as one token, so a completion that opens with a newline merges with the prompt's last one."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tokenizer.decoder = decoders.ByteLevel()
+    corpus = ["user\nWhich planet is the Red Planet?\n\nassistant\n\nMars is. It is 3 degrees.\n\n"] * 20
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<|begin_of_text|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(corpus, trainer)
+    wrapped = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<|begin_of_text|>")
+    prepare_tokenizer(wrapped)
+    return wrapped
+
+
+@pytest.fixture(scope="module", params=["sentencepiece", "llama3_bpe"])
+def any_tokenizer(request: pytest.FixtureRequest) -> PreTrainedTokenizerBase:
+    return TOKENIZER if request.param == "sentencepiece" else _llama3_style_tokenizer()
+
+
+def _ids(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+@pytest.mark.parametrize("case", DPO_CASES)
+def test_dpo_prompt_and_completion_ids_are_the_whole_conversations_ids(
+    any_tokenizer: PreTrainedTokenizerBase, case: str
+) -> None:
+    prompt, chosen, rejected = render_dpo(DPO_CASES[case], "chatml", any_tokenizer.bos_token)
+    columns = tokenize_dpo(any_tokenizer, prompt, chosen, rejected)
+    assert columns["prompt_input_ids"] + columns["chosen_input_ids"] == _ids(any_tokenizer, prompt + chosen)
+    assert columns["prompt_input_ids"] + columns["rejected_input_ids"] == _ids(
+        any_tokenizer, prompt + rejected
+    )
+    if case != "completion starts with a newline":
+        assert columns["prompt_input_ids"] == _ids(any_tokenizer, prompt), "the prompt as a server sends it"
+
+
+def test_a_completion_is_not_tokenized_as_if_alone() -> None:
+    """SentencePiece opens a text with "▁": answers tokenized alone start with a piece they never have after
+    the assistant header, and a leading space, the only difference between these two, disappears."""
+    row = _pair(QUESTION, "Mars is.", " Mars is.")
+    prompt, chosen, rejected = render_dpo(row, "chatml", "<s>")
+    assert _ids(TOKENIZER, chosen) == _ids(TOKENIZER, rejected)
+    columns = tokenize_dpo(TOKENIZER, prompt, chosen, rejected)
+    assert columns["chosen_input_ids"] != columns["rejected_input_ids"]
+    assert TOKENIZER.convert_ids_to_tokens(columns["chosen_input_ids"])[:2] == ["M", "ars"]
+    assert TOKENIZER.convert_ids_to_tokens(columns["rejected_input_ids"])[0].startswith("▁")
+
+
+def test_a_merge_across_the_prompt_boundary_moves_the_merged_token_into_the_completions() -> None:
+    tokenizer = _llama3_style_tokenizer()
+    prompt, chosen, rejected = render_dpo(
+        DPO_CASES["completion starts with a newline"], "chatml", tokenizer.bos_token
+    )
+    columns = tokenize_dpo(tokenizer, prompt, chosen, rejected)
+    alone = _ids(tokenizer, prompt)
+    assert columns["prompt_input_ids"] == alone[:-1], "the prompt's closing newline merged with the answer's"
+    assert tokenizer.decode(columns["chosen_input_ids"]).startswith("\n\n\nMars")
+    assert tokenizer.decode(columns["rejected_input_ids"]).startswith("\nJupiter"), "same prompt for both"

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 from PIL import Image
 
+from data_prep.readers import iter_records
 from data_prep.rows import Reject, check_dpo_row, check_sft_row
 from data_prep.sources import CONVERTERS, convert, row_id
 from hermes_pipeline.chat_format.templates import render
@@ -122,6 +123,90 @@ def test_row_id_is_the_data_id_or_the_position(data: dict, expected: str) -> Non
     assert row_id(data, 3, "oh") == expected
 
 
+# --- the real files' columns ---------------------------------------------------------------------------
+
+OPENHERMES_METADATA = (
+    "source", "category", "topic", "title", "model", "model_name", "language", "skip_prompt_formatting",
+    "views", "idx", "hash", "avatarUrl", "system_prompt", "custom_instruction",
+)  # fmt: skip
+DISTILABEL_RATINGS = (
+    "generations", "order", "labelling_model", "labelling_prompt", "raw_labelling_response", "rating",
+    "rationale", "original_chosen", "original_rejected",
+)  # fmt: skip
+# Columns each Hub set carries that its converter must not read; every fixture row carries them all.
+IGNORED_COLUMNS = {
+    "openhermes": OPENHERMES_METADATA,
+    "function_calling": ("category", "subcategory", "task"),
+    "json_mode": ("category", "subcategory"),
+    "distilabel_orca_dpo": DISTILABEL_RATINGS,
+    "ultrafeedback_binarized": ("prompt", "messages", "score_chosen", "score_rejected"),
+}
+USED_COLUMNS = {
+    "openhermes": ("conversations", "id"),
+    "function_calling": ("id", "conversations"),
+    "json_mode": ("id", "conversations", "schema"),
+    "orca_dpo_pairs": ("system", "question", "chosen", "rejected"),
+    "distilabel_orca_dpo": (
+        "system",
+        "input",
+        "chosen",
+        "rejected",
+        "status",
+        "chosen_score",
+        "in_gsm8k_train",
+    ),
+    "ultrafeedback_binarized": ("prompt_id", "chosen", "rejected"),
+}
+
+
+def outcome(kind: str, data: dict, index: int) -> Any:
+    """The converted row, or the reason it is rejected."""
+    try:
+        return run(kind, data, index)
+    except Reject as rejected:
+        return str(rejected)
+
+
+@pytest.mark.parametrize("kind", USED_COLUMNS)
+def test_fixtures_carry_every_column_of_the_real_files(kind: str) -> None:
+    columns = {*USED_COLUMNS[kind], *IGNORED_COLUMNS.get(kind, ())}
+    assert all(set(data) == columns for data in load(kind))
+
+
+def test_openhermes_fixture_has_null_weights_and_an_empty_system_turn() -> None:
+    turns = [turn for data in load("openhermes") for turn in data["conversations"]]
+    assert any(turn["weight"] is None for turn in turns)
+    assert any(turn["from"] == "system" and turn["value"] == "" for turn in turns)
+    nullable = [column for column in OPENHERMES_METADATA if column != "source"]
+    assert all(any(data[column] is None for data in load("openhermes")) for column in nullable)
+
+
+@pytest.mark.parametrize("kind", IGNORED_COLUMNS)
+def test_ignored_columns_change_nothing(kind: str) -> None:
+    ignored = (*IGNORED_COLUMNS[kind], "__index_level_0__")
+    for index, data in enumerate(load(kind)):
+        expected = outcome(kind, data, index)
+        without = {key: value for key, value in data.items() if key not in ignored}
+        junk = {**data, **{key: {"x": [None, 2**70]} for key in ignored}}
+        assert outcome(kind, without, index) == outcome(kind, junk, index) == expected
+
+
+@pytest.mark.parametrize("kind", USED_COLUMNS)
+def test_pandas_parquet_index_column_is_ignored(tmp_path: Path, kind: str) -> None:
+    """A Parquet file written from a pandas frame whose index is not a plain range, as a filtered frame's
+    is, carries that index as a ``__index_level_0__`` column. (dpo_messages rows mix types that one Parquet
+    column cannot hold, so that kind is left out.)"""
+    pandas = pytest.importorskip("pandas")
+    rows = load(kind)
+    frame = pandas.DataFrame(rows, index=pandas.Index([7 * i + 3 for i in range(len(rows))]))
+    frame.to_parquet(tmp_path / "train.parquet")
+    records = list(iter_records(str(tmp_path / "train.parquet")))
+    assert [record.data["__index_level_0__"] for record in records] == list(frame.index)
+    assert [outcome(kind, r.data, r.index) for r in records] == [
+        outcome(kind, data, index) for index, data in enumerate(rows)
+    ]
+
+
 # --- openhermes / sharegpt -----------------------------------------------------------------------------
 
 
@@ -202,6 +287,16 @@ def test_function_calling_canonical_single_call() -> None:
         ],
         "tools": [STOCK_TOOL],
     }
+
+
+def test_function_calling_tools_side_by_side_in_one_block() -> None:
+    """hermes-function-calling-v1 also lists tools as Python dicts one after another, not in a list."""
+    data = fixture("function_calling", "singleturn-tools-side-by-side")
+    row = run("function_calling", data, mode="canonical")
+    assert [tool["function"]["name"] for tool in row["tools"]] == ["get_current_weather", "get_local_time"]
+    assert row["messages"][-1]["tool_calls"] == [
+        {"name": "get_local_time", "arguments": {"location": "Lima"}}
+    ]
 
 
 def test_function_calling_canonical_parallel_calls_keep_order_and_python_literals() -> None:

@@ -240,8 +240,14 @@ def test_fuzzed_replies_never_raise() -> None:
 
 def test_fuzzed_tool_blocks_never_raise() -> None:
     rng = random.Random(7)
-    for _ in range(200):
-        tools = parse_tools(_mutate(DATASET_SYSTEM_PROMPT, rng))
+    seeds = [
+        DATASET_SYSTEM_PROMPT,
+        f"<tools> {STOCK_TOOL!r} {NEWS_TOOL!r} </tools>",
+        f"<tools>{json.dumps(STOCK_TOOL)}{TRICKY_TOOL!r}\n{NEWS_TOOL!r}</tools>",
+        render([], tools=[STOCK_TOOL, NEWS_TOOL]),
+    ]
+    for _ in range(400):
+        tools = parse_tools(_mutate(rng.choice(seeds), rng))
         assert isinstance(tools, ToolCallError) or all(isinstance(tool, dict) for tool in tools)
 
 
@@ -259,6 +265,39 @@ def test_parse_tools_one_object_per_line() -> None:
         NEWS_TOOL,
     ]
     assert parse_tools(f"<tools>\n{STOCK_TOOL!r}\n{NEWS_TOOL!r}\n</tools>") == [STOCK_TOOL, NEWS_TOOL]
+
+
+# Brackets, quotes, a backslash and a hash inside strings must not end or hide a value.
+TRICKY_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "regex_search",
+        "description": "Find {x} or [y] (z) in 'a \"quoted\" text' # not a comment \\ done",
+        "parameters": {"type": "object", "properties": {"pattern": {"type": "string", "default": "]})"}}},
+    },
+}
+STOCK_JSON, NEWS_JSON = json.dumps(STOCK_TOOL), json.dumps(NEWS_TOOL)
+# (case, block body, the tools it holds)
+SIDE_BY_SIDE = [
+    ("Python dicts, a space between", f"{STOCK_TOOL!r} {NEWS_TOOL!r}", [STOCK_TOOL, NEWS_TOOL]),
+    ("Python dicts, nothing between", f"{STOCK_TOOL!r}{NEWS_TOOL!r}", [STOCK_TOOL, NEWS_TOOL]),
+    ("Python dicts, a newline between", f"{STOCK_TOOL!r}\n{NEWS_TOOL!r}", [STOCK_TOOL, NEWS_TOOL]),
+    ("Python dicts, CRLF and a tab", f"{STOCK_TOOL!r}\r\n\t{NEWS_TOOL!r}", [STOCK_TOOL, NEWS_TOOL]),
+    ("Python list", f"[{STOCK_TOOL!r}, {NEWS_TOOL!r}]", [STOCK_TOOL, NEWS_TOOL]),
+    ("JSON objects, nothing between", STOCK_JSON + NEWS_JSON, [STOCK_TOOL, NEWS_TOOL]),
+    ("JSON then Python", f"{STOCK_JSON} {NEWS_TOOL!r}", [STOCK_TOOL, NEWS_TOOL]),
+    ("Python then JSON", f"{STOCK_TOOL!r}{NEWS_JSON}", [STOCK_TOOL, NEWS_TOOL]),
+    ("a Python list, then a dict", f"[{STOCK_TOOL!r}]\n{NEWS_TOOL!r}", [STOCK_TOOL, NEWS_TOOL]),
+    ("brackets and quotes in strings", f"{TRICKY_TOOL!r} {STOCK_TOOL!r}", [TRICKY_TOOL, STOCK_TOOL]),
+    ("three dicts", f"{NEWS_TOOL!r} {TRICKY_TOOL!r}{STOCK_TOOL!r}", [NEWS_TOOL, TRICKY_TOOL, STOCK_TOOL]),
+]
+
+
+@pytest.mark.parametrize(
+    ("body", "tools"), [case[1:] for case in SIDE_BY_SIDE], ids=[c[0] for c in SIDE_BY_SIDE]
+)
+def test_parse_tools_reads_values_side_by_side(body: str, tools: list[dict]) -> None:
+    assert parse_tools(f"Here are the available tools: <tools> {body} </tools> Use them.") == tools
 
 
 def test_parse_tools_reads_the_template_rendering() -> None:
@@ -279,6 +318,10 @@ BROKEN_TOOLS = [
     ("Here are the tools: <tools> [{'name': 'f'}]", "unclosed <tools>"),
     ("<tools> [{'name': 'f'} </tools>", "not valid JSON nor Python literals"),
     ("<tools> [{'name': 'f'}]; import os </tools>", "not valid JSON nor Python literals"),
+    ("<tools> {'name': 'f'}, {'name': 'g'} </tools>", "not valid JSON nor Python literals"),
+    ("<tools> {'name': 'f'} {'name': 'g' </tools>", "not valid JSON nor Python literals"),
+    ("<tools> {'name': 'f'} {'name': 'g} </tools>", "not valid JSON nor Python literals"),
+    ("<tools> {'name': 'f'} {'name': 'g', 'x': f(1)} </tools>", "not valid JSON nor Python literals"),
     ("<tools> [1, 2] </tools>", "tool 1 is not an object with a name"),
     ("<tools> [{'type': 'function', 'function': {'name': 'f'}}, {'description': 'x'}] </tools>", "tool 2"),
     ("<tools> " + "[" * 100_000 + " </tools>", "too deeply nested"),

@@ -26,6 +26,23 @@ CALL_KEYS = ("name", "arguments")
 _TOO_DEEP = "too deeply nested or too large to parse"
 _NOT_TOOLS = "tools are not valid JSON nor Python literals"
 _WHITESPACE = re.compile(r"\s*")
+_DEPTH = {"(": 1, "[": 1, "{": 1, ")": -1, "]": -1, "}": -1}
+# One step through Python literal text: a whole string (any quotes, backslash escapes), a comment, one
+# bracket, or a run of anything else.
+_LITERAL_PIECE = re.compile(
+    "|".join(
+        [
+            r"'''(?:\\.|[^\\])*?'''",
+            r'"""(?:\\.|[^\\])*?"""',
+            r"'(?:\\.|[^\\'\n])*'",
+            r'"(?:\\.|[^\\"\n])*"',
+            r"#[^\n]*",
+            r"[()\[\]{}]",
+            r"""[^'"#()\[\]{}]+""",
+        ]
+    ),
+    re.DOTALL,
+)
 
 
 @dataclass(frozen=True)
@@ -184,7 +201,7 @@ def _load(body: str, allow_python: bool) -> Any:
     return _json_compatible(value)
 
 
-def _literal(source: str) -> Any:
+def _literal(source: str, invalid: str = "not valid JSON nor a Python literal") -> Any:
     """A Python literal, for the data set's dict form; invalid escapes are data noise, not warnings."""
     try:
         with warnings.catch_warnings():
@@ -193,7 +210,7 @@ def _literal(source: str) -> Any:
     except (RecursionError, MemoryError):
         raise _Malformed(_TOO_DEEP) from None
     except (ValueError, TypeError, SyntaxError):
-        raise _Malformed("not valid JSON nor a Python literal") from None
+        raise _Malformed(invalid) from None
 
 
 def _json_compatible(value: Any) -> Any:
@@ -239,28 +256,31 @@ def _arguments_from(arguments: Any) -> dict[str, Any]:
 
 
 def _tool_values(body: str) -> list[Any]:
-    """Every top-level value in a tools block, read as JSON first and as Python literals second.
+    """Every top-level value in a tools block, one after another, each read as JSON first and as a Python
+    literal second.
 
     The template writes one JSON-like object per tool whose description holds raw newlines (hence the
-    lenient decoder); the data set writes a Python repr list. Either may list several values in a row.
+    lenient decoder); the data set writes a Python repr list, or several dicts side by side with or
+    without whitespace between them. Reading value by value lets the forms mix in one block.
     """
-    try:
-        return _json_values(body)
-    except (RecursionError, MemoryError):
-        raise _Malformed(_TOO_DEEP) from None
-    except ValueError:
-        return _python_values(body)
-
-
-def _json_values(body: str) -> list[Any]:
     decoder = json.JSONDecoder(strict=False)
     values = []
     position = 0
     while position < len(body):
-        value, position = _decode_entry(decoder, body, position)
+        value, position = _next_value(decoder, body, position)
         values.append(value)
         position = _WHITESPACE.match(body, position).end()
     return values
+
+
+def _next_value(decoder: json.JSONDecoder, body: str, position: int) -> tuple[Any, int]:
+    try:
+        return _decode_entry(decoder, body, position)
+    except (RecursionError, MemoryError):
+        raise _Malformed(_TOO_DEEP) from None
+    except ValueError:
+        end = _literal_end(body, position)
+        return _literal(body[position:end], invalid=_NOT_TOOLS), end
 
 
 def _decode_entry(decoder: json.JSONDecoder, body: str, position: int) -> tuple[Any, int]:
@@ -278,19 +298,23 @@ def _decode_entry(decoder: json.JSONDecoder, body: str, position: int) -> tuple[
         return decoder.decode(body[position : error.pos] + "}"), error.pos
 
 
-def _python_values(body: str) -> list[Any]:
-    """Literals one per statement, so dicts on separate lines parse; ``ast.parse`` only parses, never runs."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            statements = ast.parse(body, mode="exec").body
-            if not all(isinstance(statement, ast.Expr) for statement in statements):
-                raise _Malformed(_NOT_TOOLS)
-            return [ast.literal_eval(statement.value) for statement in statements]
-    except (RecursionError, MemoryError):
-        raise _Malformed(_TOO_DEEP) from None
-    except (ValueError, TypeError, SyntaxError):
-        raise _Malformed(_NOT_TOOLS) from None
+def _literal_end(body: str, start: int) -> int:
+    """Where the bracketed Python literal opening at ``start`` closes.
+
+    Strings and comments are stepped over whole, so brackets inside them do not count; this only finds
+    the extent that ``ast.literal_eval`` then reads, it evaluates nothing.
+    """
+    depth = 0
+    position = start
+    while (piece := _LITERAL_PIECE.match(body, position)) is not None:
+        step = _DEPTH.get(piece.group(), 0)
+        if position == start and step != 1:
+            break
+        depth += step
+        position = piece.end()
+        if depth == 0:
+            return position
+    raise _Malformed(_NOT_TOOLS)
 
 
 def _tools_from(values: list[Any]) -> list[dict]:
