@@ -4,9 +4,19 @@ The point is to catch a recipe that cannot fit (or wastes most of the card) befo
 queue. Assumptions, stated once:
   - mixed precision keeps bf16/fp16 weights and gradients, plus fp32 master weights and Adam moments
     (12 bytes per trainable parameter; 6 with 8-bit Adam); fp32 training keeps only the two moments;
+  - full fine-tuning in mixed precision under DeepSpeed ZeRO counts the model states as DeepSpeed's own
+    estimators do (``estimate_zero2_model_states_mem_needs``, ``estimate_zero3_model_states_mem_needs``;
+    matched here so that ``plan`` needs no DeepSpeed, and checked against them in the tests): 18 bytes per
+    parameter, the 12 above plus fp32 gradients (4) and 16-bit weights (2). ZeRO-3 shards all 18 across
+    the world size and gathers the largest layer whole (4 bytes per parameter); ZeRO-2 keeps the 16-bit
+    weights whole and also shards the 16-bit gradients (2 more); ZeRO-1, which DeepSpeed gives no
+    estimator, is ZeRO-2 with the 16-bit gradients whole. DeepSpeed prints its figures as "GB"; they are
+    bytes / 2**30, GiB, like ours;
+  - otherwise (fp32, LoRA) ZeRO-1 shards optimizer states, ZeRO-2 also gradients, ZeRO-3 also weights;
+  - offloading the optimizer moves gradients and optimizer states off the GPU, offloading parameters
+    (ZeRO-3) the weights too;
   - LoRA adapters, their gradients and optimizer states are fp32; QLoRA's frozen base is NF4 with double
     quantization (about 0.52 bytes per parameter) except embeddings and head, which stay 16-bit;
-  - ZeRO-1 shards optimizer states, ZeRO-2 also gradients, ZeRO-3 also weights, across the world size;
   - activations follow a Llama/Mistral block with fused (flash/SDPA) attention: with gradient
     checkpointing, one saved hidden state per layer plus one layer's full activations; logits in fp32
     with their gradient; DPO runs chosen and rejected together (twice the tokens);
@@ -56,6 +66,7 @@ class MemoryEstimate:
     weights: float
     gradients: float
     optimizer: float
+    largest_layer: float  # ZeRO-3 gathers each layer's full 16-bit weights and gradients while it runs
     activations: float
     reference_model: float
     overhead: float
@@ -71,12 +82,34 @@ class MemoryEstimate:
 def estimate_memory(config: PretrainedConfig, counts: ParameterCounts, shape: TrainShape) -> MemoryEstimate:
     world, zero = shape.world_size, shape.zero
     half = 4 if shape.precision == "fp32" else 2
+    if shape.mode == "full" and shape.precision != "fp32" and zero.stage >= 1:
+        weights, grads, optimizer, largest_layer = _deepspeed_model_states(config, counts.total, shape)
+    else:
+        weights, grads, optimizer = _model_states(counts, shape, half)
+        largest_layer = 0.0
+    if zero.offload_optimizer:
+        grads = optimizer = 0
+    if zero.offload_params:
+        weights = 0
+    reference = counts.total * half / (world if zero.stage >= 3 else 1) if shape.dpo_reference else 0
+    return MemoryEstimate(
+        weights=weights,
+        gradients=grads,
+        optimizer=optimizer,
+        largest_layer=largest_layer,
+        activations=_activations(config, shape, half),
+        reference_model=reference,
+        overhead=FIXED_OVERHEAD if shape.on_gpu else 0,
+    )
+
+
+def _model_states(counts: ParameterCounts, shape: TrainShape, half: int) -> tuple[float, float, float]:
+    """Weights, gradients and optimizer states in bytes outside DeepSpeed's accounting (fp32, adapters)."""
     if shape.mode == "full":
-        trainable = counts.total
         weights = counts.total * half
-        grads = trainable * half
+        grads = counts.total * half
         adam = (8 if shape.precision == "fp32" else 12) if "8bit" not in shape.optimizer else 6
-        optimizer = trainable * adam
+        optimizer = counts.total * adam
     else:
         trainable = counts.lora
         frozen = counts.total
@@ -87,25 +120,34 @@ def estimate_memory(config: PretrainedConfig, counts: ParameterCounts, shape: Tr
         weights += trainable * 4
         grads = trainable * 4
         optimizer = trainable * 8
-    if zero.stage >= 1:
-        optimizer /= world
-    if zero.stage >= 2:
-        grads /= world
-    if zero.stage >= 3:
-        weights /= world
-    if zero.offload_optimizer:
-        optimizer = 0
-    if zero.offload_params:
-        weights = 0
-    reference = counts.total * half / (world if zero.stage >= 3 else 1) if shape.dpo_reference else 0
-    return MemoryEstimate(
-        weights=weights,
-        gradients=grads,
-        optimizer=optimizer,
-        activations=_activations(config, shape, half),
-        reference_model=reference,
-        overhead=FIXED_OVERHEAD if shape.on_gpu else 0,
+    world, stage = shape.world_size, shape.zero.stage
+    return (
+        weights / (world if stage >= 3 else 1),
+        grads / (world if stage >= 2 else 1),
+        optimizer / (world if stage >= 1 else 1),
     )
+
+
+def _deepspeed_model_states(
+    config: PretrainedConfig, parameters: int, shape: TrainShape
+) -> tuple[float, float, float, float]:
+    """Weights, gradients, optimizer states and the gathered largest layer, in bytes, as DeepSpeed's ZeRO
+    estimators count them for its mixed-precision optimizer (before offloading)."""
+    world, stage = shape.world_size, shape.zero.stage
+    moments = 2 if "8bit" in shape.optimizer else 8
+    optimizer = parameters * (4 + moments) / world  # fp32 master weights and Adam's two moments
+    fp32_grads = parameters * 4 / world
+    if stage >= 3:
+        return parameters * 2 / world, fp32_grads, optimizer, 4 * largest_layer_parameters(config)
+    half_grads = parameters * 2 / (world if stage == 2 else 1)
+    return parameters * 2, half_grads + fp32_grads, optimizer, 0.0
+
+
+def largest_layer_parameters(config: PretrainedConfig) -> int:
+    """The most parameters one module holds in a Llama/Mistral model: the embedding (or the untied LM head,
+    the same size) or one MLP projection; DeepSpeed's estimator takes the same maximum over modules."""
+    hidden = config.hidden_size
+    return max(config.vocab_size * hidden, config.intermediate_size * hidden)
 
 
 def _activations(config: PretrainedConfig, shape: TrainShape, element: int) -> float:
