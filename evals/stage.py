@@ -18,9 +18,7 @@ own manifest is skipped.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -30,17 +28,14 @@ from evals.generate import eval_set_name, evaluate
 from evals.harness import SUITES, run_suites
 from evals.scoring import wilson_interval
 from hermes_pipeline.errors import UserError
-from hermes_pipeline.recipe.schema import Recipe
+from hermes_pipeline.recipe.schema import Recipe, SftStage
 from hermes_pipeline.rundir import (
     MANIFEST,
     file_fingerprint,
-    is_complete,
     run_dir,
     stage_dir,
-    stage_fingerprint,
-    staged_output,
-    write_manifest,
 )
+from hermes_pipeline.stages import eval_dir, run_stage
 from train.model import MODEL_SUBDIR, load_model, load_trained
 
 RESULTS_FILE = "results.json"
@@ -51,8 +46,6 @@ MODEL_FOLDERS = {
     "merge": f"merge/{MODEL_SUBDIR}",
     "package": "final",
 }
-# Eval settings that do not change a result: which points are measured, and the cluster request.
-_NOT_RESULTS = {"enabled", "after", "resources"}
 # The stage whose manifest vouches for that model.
 PRODUCERS = {
     "base": "prep",
@@ -62,10 +55,6 @@ PRODUCERS = {
     "package": "final",
     "export": "gguf",
 }
-
-
-def eval_dir(recipe: Recipe, after: str) -> Path:
-    return run_dir(recipe) / "eval" / after
 
 
 def run_eval_stage(
@@ -78,33 +67,21 @@ def run_eval_stage(
     if not producer.is_file():
         raise UserError(f"eval after {after}: {producer.parent} has not finished; run that stage first")
     out = eval_dir(recipe, after)
-    fingerprint = _fingerprint(recipe)
-    inputs = {"model": file_fingerprint(producer), **_set_inputs(recipe)}
-    if not force and is_complete(out, fingerprint, inputs):
-        log(f"eval after {after}: up to date in {out} (use --force to redo)")
-        return out
-    started = time.time()
-    with staged_output(out) as partial:
+
+    def evaluate_model(partial: Path) -> dict[str, Any]:
         summary = _run_suites(recipe, after, partial, log)
         (partial / RESULTS_FILE).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    write_manifest(out, fingerprint, inputs, started, extra={"after": after, "results": summary})
-    if after in ("package", "export"):
-        from merge.package import refresh_card
+        for suite, result in summary.items():
+            low, high = result["ci95"]
+            log(
+                f"eval after {after}: {suite} {result['accuracy']:.1%} "
+                f"(95% CI {low:.1%} - {high:.1%}, n={result['n']})"
+            )
+        return {"after": after, "results": summary}
 
-        refresh_card(recipe)
-    for suite, result in summary.items():
-        low, high = result["ci95"]
-        log(
-            f"eval after {after}: {suite} {result['accuracy']:.1%} (95% CI {low:.1%} - {high:.1%}, n={result['n']})"
-        )
+    inputs = {"model": file_fingerprint(producer), **_set_inputs(recipe)}
+    run_stage(recipe, "eval", out, inputs, evaluate_model, force, log)
     return out
-
-
-def _fingerprint(recipe: Recipe) -> str:
-    """The model's sections and the eval settings that shape a result: adding a point to ``eval.after``
-    must not re-run the evals already done."""
-    settings = json.dumps(recipe.eval.model_dump(mode="json", exclude=_NOT_RESULTS), sort_keys=True)
-    return f"{stage_fingerprint(recipe, 'model', 'tokenizer', 'seed')}-{hashlib.sha256(settings.encode()).hexdigest()[:16]}"
 
 
 def _set_inputs(recipe: Recipe) -> dict[str, str]:
@@ -189,7 +166,7 @@ def _transformers_model(recipe: Recipe, after: str) -> tuple[Any, Any]:
     import torch
     from transformers import AutoTokenizer
 
-    full = recipe.sft.model_copy(update={"mode": "full"})
+    full = SftStage(mode="full")  # load whole weights; no stage setting shapes loading otherwise
     if after == "base":
         tokenizer = AutoTokenizer.from_pretrained(stage_dir(recipe, "prep") / "tokenizer")
         source = recipe.model.name_or_path if recipe.model.init == "pretrained" else None
@@ -197,8 +174,5 @@ def _transformers_model(recipe: Recipe, after: str) -> tuple[Any, Any]:
     else:
         folder = run_dir(recipe) / MODEL_FOLDERS[after]
         tokenizer = AutoTokenizer.from_pretrained(folder)
-        stage = (
-            getattr(recipe, after).model_copy(update={"mode": "full"}) if after in ("sft", "dpo") else full
-        )
-        model = load_trained(recipe, stage, folder, tokenizer)
+        model = load_trained(recipe, full, folder, tokenizer)
     return model.to("cuda" if torch.cuda.is_available() else "cpu"), tokenizer

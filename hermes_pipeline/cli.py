@@ -42,6 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     validate = commands.add_parser("validate", help="check a recipe and report every problem, one line each")
     _add_recipe_arguments(validate)
+    validate.add_argument(
+        "--strict",
+        action="store_true",
+        help="a data source path naming an unset ${VAR} is an error, not a note (it is needed when prep runs)",
+    )
     validate.set_defaults(handler=_validate)
 
     plan = commands.add_parser(
@@ -90,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _validate(args: argparse.Namespace) -> None:
     from hermes_pipeline.recipe.loader import load_recipe, recipe_hash
 
-    recipe = load_recipe(args.recipe, args.overrides)
+    recipe = load_recipe(args.recipe, args.overrides, strict=args.strict)
     print(f"{args.recipe}: valid (recipe {recipe.name}, hash {recipe_hash(recipe)})")
 
 
@@ -164,6 +169,13 @@ def _add_merge_commands(commands: argparse._SubParsersAction) -> None:
     _add_force_argument(package)
     package.set_defaults(handler=_package)
 
+    card = commands.add_parser(
+        "card", help="render the model card from the run's results into the packaged model (final/README.md)"
+    )
+    _add_recipe_arguments(card)
+    _add_force_argument(card)
+    card.set_defaults(handler=_card)
+
     export = commands.add_parser("export", help="export to GGUF with llama.cpp, verifying every file")
     formats = export.add_subparsers(dest="format", required=True, metavar="FORMAT")
     gguf = formats.add_parser(
@@ -178,6 +190,21 @@ def _add_merge_commands(commands: argparse._SubParsersAction) -> None:
     gguf.add_argument("--out", metavar="DIR", help="output folder for a model folder TARGET")
     _add_force_argument(gguf)
     gguf.set_defaults(handler=_export_gguf)
+
+    serve = commands.add_parser(
+        "serve",
+        help="serve the exported GGUF with llama.cpp's server, tool calls parsed (OpenAI-compatible API)",
+        description="TARGET is a run directory (runs/<name>), a folder of GGUF files or a GGUF file.",
+    )
+    serve.add_argument("target", help="run directory, GGUF folder or GGUF file")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    serve.add_argument("--port", type=int, default=8080)
+    serve.add_argument("--ctx-size", type=int, default=4096, help="context length in tokens")
+    serve.add_argument("--type", dest="gguf_type", help="which file of a folder, e.g. q4_k_m (default: Q8_0)")
+    serve.add_argument(
+        "--server-args", default="", metavar="ARGS", help="more llama-server arguments, e.g. '--threads 8'"
+    )
+    serve.set_defaults(handler=_serve)
 
 
 def _merge_lora(args: argparse.Namespace) -> None:
@@ -214,6 +241,13 @@ def _package(args: argparse.Namespace) -> None:
     run_package(load_recipe(args.recipe, args.overrides), force=args.force)
 
 
+def _card(args: argparse.Namespace) -> None:
+    from hermes_pipeline.recipe.loader import load_recipe
+    from merge.card import run_card
+
+    run_card(load_recipe(args.recipe, args.overrides), force=args.force)
+
+
 def _export_gguf(args: argparse.Namespace) -> None:
     from pathlib import Path
 
@@ -232,6 +266,21 @@ def _export_gguf(args: argparse.Namespace) -> None:
     if args.types:
         overrides.append(f"export.gguf_types=[{args.types}]")
     run_export(load_recipe(args.target, overrides), force=args.force)
+
+
+def _serve(args: argparse.Namespace) -> None:
+    import shlex
+    import signal
+    from pathlib import Path
+
+    from merge.serve import serve
+
+    def stop(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt  # SIGTERM stops it like Ctrl-C: llama-server never outlives the command
+
+    signal.signal(signal.SIGTERM, stop)
+    extra = shlex.split(args.server_args)
+    serve(Path(args.target), args.host, args.port, args.ctx_size, args.gguf_type, extra)
 
 
 def _add_eval_commands(commands: argparse._SubParsersAction) -> None:

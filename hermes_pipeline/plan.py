@@ -7,9 +7,10 @@ from typing import Any
 
 from hermes_pipeline.memory import GIB, MemoryEstimate, TrainShape, ZeroSettings, estimate_memory
 from hermes_pipeline.model_info import count_parameters, load_model_config
-from hermes_pipeline.recipe.checks import optimization_stages, training_stages, zero_settings
+from hermes_pipeline.recipe.checks import training_stages, zero_settings
 from hermes_pipeline.recipe.loader import recipe_hash
 from hermes_pipeline.recipe.schema import LoraSection, Optimization, Recipe, Resources, TrainStage
+from hermes_pipeline.stages import STAGE_KINDS, recipe_stages
 
 
 @dataclass
@@ -53,30 +54,36 @@ class Plan:
 
 
 def build_plan(recipe: Recipe) -> Plan:
+    """The recipe's stages as `run` and `slurm submit` will execute them (hermes_pipeline.stages)."""
     config = load_model_config(recipe.model)
     total = count_parameters(config).total
     plan = Plan(recipe.name, recipe_hash(recipe), recipe.run_dir or f"runs/{recipe.name}", total)
-    plan.stages.append(_prep(recipe))
     trainers = training_stages(recipe)
-    merge_first = any(stage.init_from == "merge" for stage in trainers.values())
-    if recipe.merge.models is not None and merge_first:
-        plan.stages.append(_model_merge(recipe))
-    for name, stage in optimization_stages(recipe).items():
-        plan.stages.append(_training(recipe, name, stage, config))
-    if recipe.merge.enabled and any(s.mode != "full" for s in trainers.values()):
-        plan.stages.append(
-            StagePlan("merge_lora", f"fold adapters into the base ({recipe.merge.lora_base} weights)")
-        )
-    if recipe.merge.models is not None and not merge_first:
-        plan.stages.append(_model_merge(recipe))
-    plan.stages.append(StagePlan("package", "safetensors shards, tokenizer with both templates, model card"))
-    if recipe.export.enabled:
-        types = ", ".join(recipe.export.gguf_types)
-        plan.stages.append(StagePlan("export", f"GGUF {types}, each verified", recipe.export.resources))
-    if recipe.eval.enabled:
-        ev = recipe.eval
-        summary = f"{', '.join(ev.suites)} after {', '.join(ev.after)} ({ev.backend})"
-        plan.stages.append(StagePlan("eval", summary, ev.resources))
+    for stage in recipe_stages(recipe, "RECIPE"):
+        if stage.kind == "prep":
+            plan.stages.append(_prep(recipe))
+        elif stage.kind == "merge":
+            plan.stages.append(_model_merge(recipe))
+        elif stage.kind in trainers:
+            plan.stages.append(_training(recipe, stage.kind, trainers[stage.kind], config))
+        elif stage.kind == "package":
+            adapters = [name for name, s in trainers.items() if s.mode != "full"]
+            folded = (
+                f"; folds the {'/'.join(adapters)} adapters into the base ({recipe.merge.lora_base} weights)"
+            )
+            summary = "safetensors shards, tokenizer with both templates" + (folded if adapters else "")
+            plan.stages.append(StagePlan("package", summary, stage.resources))
+        elif stage.kind == "export":
+            types = ", ".join(recipe.export.gguf_types)
+            plan.stages.append(
+                StagePlan("export", f"GGUF {types}, each verified in llama-server", stage.resources)
+            )
+        elif stage.kind == "eval":
+            ev = recipe.eval
+            summary = f"{', '.join(ev.suites)} on the model after {stage.command[3]} ({ev.backend})"
+            plan.stages.append(StagePlan(stage.name, summary, stage.resources))
+        else:
+            plan.stages.append(StagePlan(stage.name, STAGE_KINDS[stage.kind].produces, stage.resources))
     return plan
 
 
@@ -93,7 +100,7 @@ def _model_merge(recipe: Recipe) -> StagePlan:
     merge = recipe.merge.models
     assert merge is not None
     models = " + ".join(m.model for m in merge.models)
-    return StagePlan("merge_models", f"mergekit {merge.method}: {models}", recipe.merge.resources)
+    return StagePlan("merge", f"mergekit {merge.method}: {models}", recipe.merge.resources)
 
 
 def _training(recipe: Recipe, name: str, stage: Optimization, config: Any) -> StagePlan:

@@ -34,26 +34,6 @@ def stage_dir(recipe: Recipe, stage: str) -> Path:
     return run_dir(recipe) / stage
 
 
-def stage_fingerprint(recipe: Recipe, *sections: str) -> str:
-    """A hash of the recipe sections a stage depends on, so that changing SFT's learning rate does not
-    invalidate the data prep, while changing the data mixture does."""
-    dumped = recipe.model_dump(mode="json")
-    relevant = {name: _without_time_limits(dumped[name]) for name in sorted(sections)}
-    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _without_time_limits(section: Any) -> Any:
-    """A job's time limit changes nothing a stage computes; raising it must not orphan its checkpoints."""
-    if isinstance(section, dict):
-        return {
-            key: _without_time_limits(
-                {k: v for k, v in value.items() if k != "time"} if key == "resources" else value
-            )
-            for key, value in section.items()
-        }
-    return section
-
-
 def file_fingerprint(path: str | Path) -> str:
     """sha256 of a file, or of every file under a folder (names and contents), read in 1 MiB blocks."""
     path = Path(path)

@@ -1,32 +1,82 @@
-"""The model card (README.md in the Hugging Face format) of a packaged model.
+"""The card stage: the model card (README.md in the Hugging Face format) of the packaged model.
 
 Everything in it is read from the run directory — prep's report, each stage's summary and curves, the eval
-results — so the card describes the run that made these weights, not the recipe's intentions.
+results — so the card describes the run that made these weights, not the recipe's intentions. It is its own
+stage, the last of a run, so that results measured after packaging (evals of the package and of the GGUF)
+reach the card without any stage rewriting another's sealed output: the card is rendered into
+runs/<name>/card/ and published as final/README.md (with its curves in final/curves/), files that
+package's manifest leaves out.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import yaml
-from transformers import PreTrainedTokenizerBase
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from hermes_pipeline.errors import UserError
 from hermes_pipeline.recipe.checks import training_stages
 from hermes_pipeline.recipe.schema import Recipe
-from hermes_pipeline.rundir import run_dir, stage_dir
-from hermes_pipeline.stages import recipe_stages
+from hermes_pipeline.rundir import MANIFEST, file_fingerprint, run_dir, stage_dir
+from hermes_pipeline.stages import recipe_stages, run_stage, without_resources
 from merge.probes import CONVERSATIONS
 
 CURVES = "curves"
+CARD = "README.md"
+# What the card stage publishes into the packaged model's folder; package's manifest leaves these out.
+PUBLISHED = (CARD, CURVES)
 HUB_ID = r"^[\w.-]+/[\w.-]+$"
 
 
+def run_card(recipe: Recipe, force: bool = False, log: Callable[[str], None] = print) -> Path:
+    """Render the card from what the run left behind and publish it into final/; skipped when neither the
+    recipe nor any result it shows has changed."""
+    final = stage_dir(recipe, "final")
+    if not (final / MANIFEST).is_file():
+        raise UserError(f"{final} is not packaged yet; run `hermes-pipeline package RECIPE` first")
+    stages = {stage.name: stage for stage in recipe_stages(recipe, "RECIPE")}
+    shown = [stages[name].folder / MANIFEST for name in stages["card"].needs]
+    inputs = {
+        str(path.parent.relative_to(run_dir(recipe))): file_fingerprint(path)
+        for path in shown
+        if path.is_file()
+    }
+
+    def render(partial: Path) -> None:
+        write_card(recipe, partial, AutoTokenizer.from_pretrained(final))
+        for name in PUBLISHED:
+            _publish(partial / name, final / name)
+
+    out = stage_dir(recipe, "card")
+    if run_stage(recipe, "card", out, inputs, render, force or not (final / CARD).is_file(), log):
+        log(f"card: {final / CARD}")
+    return out
+
+
+def _publish(source: Path, target: Path) -> None:
+    """Copy a file or folder into final/ under a temporary name, then rename it into place."""
+    staging = target.with_name(target.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    if source.is_dir():
+        shutil.copytree(source, staging)
+        shutil.rmtree(target, ignore_errors=True)
+    elif source.is_file():
+        shutil.copyfile(source, staging)
+    else:
+        shutil.rmtree(target, ignore_errors=True)
+        return
+    os.replace(staging, target)
+
+
 def write_card(recipe: Recipe, folder: Path, tokenizer: PreTrainedTokenizerBase) -> None:
-    """Write README.md (and copy the training curves it shows) into the packaged model ``folder``."""
+    """Write README.md (and copy the training curves it shows) into ``folder``."""
     sections = [
         _front_matter(recipe),
         f"# {recipe.name}\n\n{recipe.description}".strip(),
@@ -200,5 +250,6 @@ def _prompt_formats(tokenizer: PreTrainedTokenizerBase) -> str:
 def _recipe_text(recipe: Recipe) -> str:
     """The resolved recipe, with local paths made relative to where the run started (a published card
     should not carry the layout of the machine it was trained on)."""
-    resolved = yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+    dumped = without_resources(recipe.model_dump(mode="json"))  # cluster sizes say nothing about the model
+    resolved = yaml.safe_dump(dumped, sort_keys=False, allow_unicode=True)
     return f"## Recipe\n\n```yaml\n{resolved.replace(str(Path.cwd()) + '/', '')}```"

@@ -9,22 +9,21 @@ from __future__ import annotations
 import json
 import logging
 import os
-import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from hermes_pipeline.errors import UserError
 from hermes_pipeline.recipe.schema import GGUF_TYPES, Recipe
 from hermes_pipeline.rundir import (
     MANIFEST,
     file_fingerprint,
-    is_complete,
     stage_dir,
-    stage_fingerprint,
     staged_output,
-    write_manifest,
 )
+from hermes_pipeline.stages import run_stage
 from merge.gguf_check import GgufReport, reference_of, verify_gguf
+from merge.server_check import sampling_defaults
 from merge.shards import check_free_space, model_bytes
 
 GGUF = "gguf"
@@ -45,34 +44,40 @@ def export_gguf(
     model_dir: Path, out_dir: Path, types: list[str], name: str, log: Callable[[str], None] = print
 ) -> list[GgufReport]:
     """Convert ``model_dir`` to every type in ``types``, verify each file, and publish ``out_dir``."""
+    with staged_output(out_dir) as partial:
+        return write_gguf_files(model_dir, partial, types, name, log)
+
+
+def write_gguf_files(
+    model_dir: Path, folder: Path, types: list[str], name: str, log: Callable[[str], None] = print
+) -> list[GgufReport]:
+    """Every requested type in ``folder`` (a staging folder), each verified, and verification.json."""
     unknown = [t for t in types if t.lower() not in GGUF_TYPES]
     if unknown:
         raise UserError(f"unknown GGUF type {unknown[0]!r}; known: {', '.join(GGUF_TYPES)}")
     types = list(dict.fromkeys(ALIASES.get(t.lower(), t.lower()) for t in types))
     base_type = "f16" if "f16" in types or not set(types) & set(CONVERTER_TYPES) else types[0]
-    check_free_space(out_dir.parent, int(model_bytes(model_dir) * (0.6 * len(types) + 0.6)))
-    reports = []
-    with staged_output(out_dir) as partial:
-        reference = partial / file_name(name, base_type)
-        log(f"export: converting {model_dir} to {reference.name} with llama.cpp's converter")
-        convert(model_dir, reference, base_type, log)
-        reports.append(verify_gguf(reference, model_dir, base_type, None))
-        reference_scores = reference_of(reference, model_dir)
-        for gguf_type in types:
-            if gguf_type == base_type:
-                continue
-            target = partial / file_name(name, gguf_type)
-            if gguf_type in CONVERTER_TYPES:
-                convert(model_dir, target, gguf_type, log)
-            else:
-                log(f"export: quantizing to {target.name}")
-                quantize(reference, target, gguf_type)
-            reports.append(verify_gguf(target, model_dir, gguf_type, reference_scores))
-        if base_type not in types:
-            reference.unlink()
-        (partial / "verification.json").write_text(
-            json.dumps([r.as_dict() for r in reports], indent=2) + "\n", encoding="utf-8"
-        )
+    check_free_space(folder.parent, int(model_bytes(model_dir) * (0.6 * len(types) + 0.6)))
+    reference = folder / file_name(name, base_type)
+    log(f"export: converting {model_dir} to {reference.name} with llama.cpp's converter")
+    convert(model_dir, reference, base_type, log)
+    reports = [verify_gguf(reference, model_dir, base_type, None)]
+    reference_scores = reference_of(reference, model_dir)
+    for gguf_type in types:
+        if gguf_type == base_type:
+            continue
+        target = folder / file_name(name, gguf_type)
+        if gguf_type in CONVERTER_TYPES:
+            convert(model_dir, target, gguf_type, log)
+        else:
+            log(f"export: quantizing to {target.name}")
+            quantize(reference, target, gguf_type)
+        reports.append(verify_gguf(target, model_dir, gguf_type, reference_scores))
+    if base_type not in types:
+        reference.unlink()
+    (folder / "verification.json").write_text(
+        json.dumps([r.as_dict() for r in reports], indent=2) + "\n", encoding="utf-8"
+    )
     for report in reports:
         log(f"export: {report.summary()}")
     return reports
@@ -96,9 +101,14 @@ def convert(model_dir: Path, out_file: Path, gguf_type: str, log: Callable[[str]
         gguf_type, gguf.LlamaFileType.MOSTLY_F16
     )
     partial = out_file.with_name(out_file.name + ".partial")
+    # The converter's metadata override (its --metadata option) carries the packaged sampling defaults.
+    metadata = out_file.with_name(out_file.name + ".metadata.json")
+    metadata.write_text(json.dumps(_sampling_metadata(model_dir)), encoding="utf-8")
     space_prefix = _space_prefix(model_dir)
     try:
-        _configured(model_class, False, space_prefix)(model_dir, file_type, partial).write()
+        _configured(model_class, False, space_prefix)(
+            model_dir, file_type, partial, metadata_override=metadata
+        ).write()
     except NotImplementedError as exc:
         if "pre-tokenizer was not recognized" not in str(exc):
             raise
@@ -112,7 +122,11 @@ def convert(model_dir: Path, out_file: Path, gguf_type: str, log: Callable[[str]
             "it is a Llama-3 tokenizer, so its pre-tokenizer is llama-bpe"
         )
         partial.unlink(missing_ok=True)
-        _configured(model_class, True, space_prefix)(model_dir, file_type, partial).write()
+        _configured(model_class, True, space_prefix)(
+            model_dir, file_type, partial, metadata_override=metadata
+        ).write()
+    finally:
+        metadata.unlink(missing_ok=True)
     os.replace(partial, out_file)
 
 
@@ -131,6 +145,12 @@ def _configured(model_class: type, llama_bpe: bool, space_prefix: bool | None) -
                 self.gguf_writer.add_add_space_prefix(space_prefix)
 
     return Configured
+
+
+def _sampling_metadata(model_dir: Path) -> dict[str, float | int]:
+    """``general.sampling.*`` keys, so llama-server, LM Studio and llama-cli start from the packaged
+    defaults instead of their own (the converter reads only some of generation_config.json's names)."""
+    return {f"general.sampling.{name}": value for name, value in sampling_defaults(model_dir).items()}
 
 
 def _space_prefix(model_dir: Path) -> bool | None:
@@ -183,13 +203,11 @@ def run_export(recipe: Recipe, force: bool = False, log: Callable[[str], None] =
     upstream = model_dir / MANIFEST
     if not upstream.is_file():
         raise UserError(f"{model_dir} is not packaged yet; run `hermes-pipeline package RECIPE` first")
+
+    def export(partial: Path) -> dict[str, Any]:
+        reports = write_gguf_files(model_dir, partial, recipe.export.gguf_types, recipe.name, log)
+        return {"verification": [r.as_dict() for r in reports]}
+
     out = stage_dir(recipe, GGUF)
-    fingerprint = stage_fingerprint(recipe, "export")
-    inputs = {"model": file_fingerprint(upstream)}
-    if not force and is_complete(out, fingerprint, inputs):
-        log(f"export: {out} is up to date; skipped (--force to redo)")
-        return out
-    started = time.time()
-    reports = export_gguf(model_dir, out, recipe.export.gguf_types, recipe.name, log)
-    write_manifest(out, fingerprint, inputs, started, extra={"verification": [r.as_dict() for r in reports]})
+    run_stage(recipe, "export", out, {"model": file_fingerprint(upstream)}, export, force, log)
     return out

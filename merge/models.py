@@ -7,7 +7,6 @@ which on the other side are untrained reserved rows. The mergekit config says so
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,8 @@ from hermes_pipeline.chat_format.templates import install_templates
 from hermes_pipeline.chat_format.tokens import CHAT_TOKENS, save_tokenizer
 from hermes_pipeline.errors import UserError
 from hermes_pipeline.recipe.schema import ModelMerge, Recipe
-from hermes_pipeline.rundir import is_complete, stage_dir, stage_fingerprint, staged_output, write_manifest
+from hermes_pipeline.rundir import stage_dir
+from hermes_pipeline.stages import run_stage
 from merge.shards import parse_size
 from train.model import MODEL_SUBDIR
 
@@ -78,12 +78,8 @@ def run_model_merge(recipe: Recipe, force: bool = False, log: Callable[[str], No
     if spec is None:
         raise UserError("merge models: the recipe has no merge.models section")
     folder = stage_dir(recipe, "merge")
-    fingerprint = stage_fingerprint(recipe, "merge", "tokenizer")
-    if not force and is_complete(folder, fingerprint, {}):
-        log(f"merge: {folder} is up to date; skipped (--force to redo)")
-        return folder
-    started = time.time()
-    with staged_output(folder) as partial:
+
+    def merge(partial: Path) -> dict[str, str]:
         log(f"merge: {spec.method} of {', '.join(str(m.model) for m in spec.models)} with mergekit")
         merge_models(
             spec,
@@ -92,6 +88,8 @@ def run_model_merge(recipe: Recipe, force: bool = False, log: Callable[[str], No
             recipe.package.max_shard_size,
             recipe.seed,
         )
-    write_manifest(folder, fingerprint, {}, started, extra={"method": spec.method})
-    log(f"merge: {folder / MODEL_SUBDIR}")
+        return {"method": spec.method}
+
+    if run_stage(recipe, "merge", folder, {}, merge, force, log):
+        log(f"merge: {folder / MODEL_SUBDIR}")
     return folder

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import json
 import shutil
-import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from transformers import (
     AutoConfig,
@@ -30,13 +30,10 @@ from hermes_pipeline.recipe.schema import PackageSection, Recipe
 from hermes_pipeline.rundir import (
     MANIFEST,
     file_fingerprint,
-    is_complete,
     stage_dir,
-    stage_fingerprint,
-    staged_output,
-    write_manifest,
 )
-from merge.card import write_card
+from hermes_pipeline.stages import run_stage
+from merge.card import PUBLISHED
 from merge.lora import adapter_chain, dequantize_base, merge_adapters, merged_size, verify_merge
 from merge.probes import max_difference, probe_ids, probe_logits
 from merge.shards import check_free_space, iter_tensors, model_bytes, parse_size, write_shards
@@ -61,19 +58,13 @@ def run_package(recipe: Recipe, force: bool = False, log: Callable[[str], None] 
     if not upstream.is_file():
         raise UserError(f"{source.parent} has not finished; run its stage first (hermes-pipeline run RECIPE)")
     out = stage_dir(recipe, FINAL)
-    fingerprint = stage_fingerprint(recipe, "package", "tokenizer")
-    inputs = {"model": file_fingerprint(upstream)}
-    if not force and is_complete(out, fingerprint, inputs):
-        log(f"package: {out} is up to date; skipped (--force to redo)")
-        return out
-
-    started = time.time()
     adapter = is_adapter(source)
     base, chain = adapter_chain(source) if adapter else (None, [])
-    check_free_space(out.parent, int(1.1 * (merged_size(base) if base else model_bytes(source))))
     shard_bytes = parse_size(recipe.package.max_shard_size)
     multiple = recipe.tokenizer.pad_embeddings_to_multiple_of
-    with staged_output(out) as partial:
+
+    def package(partial: Path) -> dict[str, Any]:
+        check_free_space(out.parent, int(1.1 * (merged_size(base) if base else model_bytes(source))))
         if base is not None:
             log(f"package: merging {len(chain)} adapter(s) into {base}, shard by shard")
             merge_adapters(base, chain, partial, shard_bytes, multiple, dequantize_base(recipe))
@@ -88,11 +79,11 @@ def run_package(recipe: Recipe, force: bool = False, log: Callable[[str], None] 
         else:
             difference = verify_same_model(source, partial)
         check_packaged(partial)
-        write_card(recipe, partial, tokenizer)
-    write_manifest(
-        out, fingerprint, inputs, started, extra={"source": str(source), "logits_max_abs_diff": difference}
-    )
-    log(f"package: {out} (logits within {difference:.2g} of {source})")
+        log(f"package: {out} (logits within {difference:.2g} of {source})")
+        return {"source": str(source), "logits_max_abs_diff": difference}
+
+    inputs = {"model": file_fingerprint(upstream)}
+    run_stage(recipe, "package", out, inputs, package, force, log, skip=PUBLISHED)  # PUBLISHED: the card's
     return out
 
 
@@ -148,19 +139,3 @@ def check_packaged(folder: Path) -> None:
             raise UserError(
                 f"{folder}: the tokenizer's {name!r} chat template is missing or not the Hermes one"
             )
-
-
-def refresh_card(recipe: Recipe) -> None:
-    """Rewrite the packaged model's card (and its manifest's hashes) after evals that ran on the package or
-    its GGUF, so the card users download reports them too."""
-    folder = stage_dir(recipe, FINAL)
-    manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
-    write_card(recipe, folder, AutoTokenizer.from_pretrained(folder))
-    extra = {
-        k: v
-        for k, v in manifest.items()
-        if k not in ("fingerprint", "inputs", "outputs", "libraries", "wall_time_s")
-    }
-    write_manifest(
-        folder, manifest["fingerprint"], manifest["inputs"], time.time() - manifest["wall_time_s"], extra
-    )

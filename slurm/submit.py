@@ -1,7 +1,8 @@
-"""Submit a recipe's stages as chained SLURM jobs, each starting only once the one before it succeeded.
+"""Submit a recipe's stages as SLURM jobs, each starting only once the stages it needs succeeded (``afterok``
+on the jobs of ``Stage.needs`` submitted with it); a dry run prints that plan with ``<stage>`` for job ids.
 
-Evals hang off the stage they measure (``afterok`` on it) and nothing waits for them, so a failed eval
-never holds up training.
+Evals hang off the stage they measure and only the model card waits for them, so a failed eval never holds
+up training.
 
 A stage is skipped at submission when its MANIFEST.json exists and one of our jobs succeeded for this very
 recipe (its ``<stage>.done`` record holds the recipe hash); once a stage other than an eval must run,
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -75,14 +77,15 @@ def submit(request: SubmitRequest, log: Callable[[str], None] = print) -> list[S
     skipped = [stage for stage in stages if stage not in to_run]
     for stage in skipped:
         log(f"{stage.name}: done for this recipe, skipped")
-    if request.dry_run:
-        for name, text in scripts.items():
-            log(f"# ---- {files.script(name)}\n{text}")
-        return []
-
     if not to_run:
         log("nothing to submit: every stage is done for this recipe")
         return []
+    if request.dry_run:
+        for name, text in scripts.items():
+            log(f"# ---- {files.script(name)}\n{text}")
+        log(_plan(to_run, files))
+        return []
+
     running = active_jobs(files)
     if running:
         raise UserError(
@@ -95,13 +98,12 @@ def submit(request: SubmitRequest, log: Callable[[str], None] = print) -> list[S
         SubmittedStage(s.name, s.kind, str(workdir / s.folder), None, str(files.script(s.name)))
         for s in skipped
     ]
-    after: str | None = None  # the job of the last stage that the pipeline goes on from
+    jobs: dict[str, str] = {}
     for stage in to_run:
         script = files.script(stage.name)
         script.write_text(scripts[stage.name], encoding="utf-8")
-        job = _sbatch(script, after, [r.job_id for r in records if r.job_id])
-        if stage.kind != "eval":
-            after = job
+        after = [jobs[name] for name in _waits_for(stage, to_run)]
+        jobs[stage.name] = job = _sbatch(script, after, list(jobs.values()))
         records.append(SubmittedStage(stage.name, stage.kind, str(workdir / stage.folder), job, str(script)))
         log(f"{stage.name}: job {job}, log {files.log(stage.name, job)}")
     _write_jobs(files, digest, records, [stage.name for stage in every_stage])
@@ -178,13 +180,33 @@ def _stages_to_run(stages: list[Stage], files: RunFiles, digest: str, workdir: P
     return to_run
 
 
-def _sbatch(script: Path, after: str | None, submitted: list[str]) -> str:
+def _waits_for(stage: Stage, submission: list[Stage]) -> list[str]:
+    """The stages ``stage`` needs that this submission runs; the others are done for this recipe (skipped)
+    or left out with --stages, so there is no job of theirs to wait for."""
+    names = {other.name for other in submission}
+    return [name for name in stage.needs if name in names]
+
+
+def _sbatch_command(script: Path, after: list[str]) -> list[str]:
+    """``after``: the job ids (or, in a dry run's plan, placeholders) that must succeed first."""
+    dependency = [f"--dependency=afterok:{':'.join(after)}"] if after else []
+    return ["sbatch", "--parsable", *dependency, str(script)]
+
+
+def _plan(to_run: list[Stage], files: RunFiles) -> str:
+    """The sbatch commands a submission runs, in order; ``<stage>`` stands for that stage's job id."""
+    lines = ["# ---- submission plan: <stage> is the job id sbatch gives that stage"]
+    for stage in to_run:
+        command = _sbatch_command(files.script(stage.name), [f"<{n}>" for n in _waits_for(stage, to_run)])
+        # Only the script path can need quoting: the options are ours, the placeholders are not shell.
+        lines.append(" ".join([*command[:-1], shlex.quote(command[-1])]))
+    return "\n".join(lines)
+
+
+def _sbatch(script: Path, after: list[str], submitted: list[str]) -> str:
     """Submit one script; on a refusal cancel this submission's earlier jobs, so no half chain is left."""
-    command = ["sbatch", "--parsable"]
-    if after:
-        command.append(f"--dependency=afterok:{after}")
     try:
-        result = subprocess.run([*command, str(script)], capture_output=True, text=True)
+        result = subprocess.run(_sbatch_command(script, after), capture_output=True, text=True)
     except FileNotFoundError:
         raise UserError(
             "sbatch not found: run this on a SLURM login node (or install slurm-client)"

@@ -8,6 +8,9 @@ from pathlib import Path
 import pytest
 from train_support import ROOT, cli
 
+from merge.llama_server import free_port
+from merge.serve import serve
+
 pytestmark = pytest.mark.slow
 
 
@@ -27,7 +30,15 @@ def test_tiny_recipe_runs_end_to_end_and_learns(tmp_path: Path) -> None:
     verified = json.loads((run / "gguf" / "verification.json").read_text())
     assert sorted(r["gguf_type"] for r in verified) == ["f16", "q4_k_m", "q8_0"]
     assert all(not r["problems"] for r in verified)
+    # `hermes-pipeline serve runs/tiny`: llama-server on the run's Q8_0 file parses a tool call
+    served = serve(run, port=free_port(), log=lambda _: None, until=lambda: None)
+    assert served.tool_calls and served.tool_calls[0]["name"] == "set_units" and not served.problems
     assert "| dpo | function_calling |" in (run / "final" / "README.md").read_text()
+    # A second run finds every stage done: nothing is written again.
+    sealed = {path: path.read_bytes() for path in run.rglob("MANIFEST.json")}
+    cli("run", str(ROOT / "configs" / "recipes" / "tiny.yaml"), "--set", f"run_dir={run}")
+    assert {path: path.read_bytes() for path in run.rglob("MANIFEST.json")} == sealed
+    assert len(sealed) == 9  # prep, 3 evals, sft, dpo, final, gguf, card
     results = {
         point: json.loads((run / "eval" / point / "results.json").read_text())
         for point in ("base", "sft", "dpo")

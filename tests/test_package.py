@@ -19,9 +19,11 @@ from hermes_pipeline.chat_format.tokens import IM_END, save_tokenizer
 from hermes_pipeline.errors import UserError
 from hermes_pipeline.recipe.loader import load_recipe
 from hermes_pipeline.recipe.schema import LoraSection, SftStage
-from hermes_pipeline.rundir import MANIFEST, file_fingerprint, write_manifest
+from hermes_pipeline.rundir import MANIFEST, file_fingerprint, is_complete, write_manifest
+from hermes_pipeline.stages import stage_fingerprint
 from hermes_pipeline.tiny import build_tiny_model, load_tiny_tokenizer
-from merge.package import check_packaged, refresh_card, run_package
+from merge.card import run_card
+from merge.package import check_packaged, run_package
 from merge.probes import probe_ids, probe_logits
 from merge.shards import INDEX, shard_files
 from train.model import lora_config, record_adapter_base
@@ -60,11 +62,6 @@ def test_package_writes_the_downloadable_model(tmp_path: Path) -> None:
     prompts = probe_ids(tokenizer)
     for ours, theirs in zip(probe_logits(packaged, prompts), probe_logits(source, prompts), strict=True):
         assert torch.equal(ours, theirs)
-
-    card = (final / "README.md").read_text()
-    front = yaml.safe_load(card.split("---")[1])
-    assert front["license"] == "apache-2.0" and "sft" in front["tags"]
-    assert "<tools>" in card and "## Recipe" in card
 
     manifest = json.loads((final / MANIFEST).read_text())
     files = {str(p.relative_to(final)) for p in final.rglob("*") if p.is_file() and p.name != MANIFEST}
@@ -134,15 +131,29 @@ def test_an_adapter_is_merged_into_its_base_when_packaged(tmp_path: Path) -> Non
     assert json.loads((final / MANIFEST).read_text())["logits_max_abs_diff"] < 1e-4
 
 
-def test_evals_after_packaging_reach_the_card_and_the_manifest(tmp_path: Path) -> None:
-    recipe = _recipe(tmp_path)
+def test_the_card_stage_publishes_the_card_without_touching_the_package(tmp_path: Path) -> None:
+    recipe = _recipe(tmp_path, eval={"after": ["sft", "package"]})
     _finished_stage(tmp_path / "run" / "sft", build_tiny_model(seed=4))
     final = run_package(recipe, log=lambda _: None)
-    results = tmp_path / "run" / "eval" / "export" / "results.json"
-    results.parent.mkdir(parents=True)
-    results.write_text(json.dumps({"function_calling": {"accuracy": 0.9125, "ci95": [0.83, 0.96], "n": 80}}))
-    refresh_card(recipe)
-    assert "| export | function_calling | 0.912 | 0.830 to 0.960 | 80 |" in (final / "README.md").read_text()
-    manifest = json.loads((final / MANIFEST).read_text())
-    assert manifest["outputs"]["README.md"] == file_fingerprint(final / "README.md")
-    assert manifest["source"].endswith("model")
+    sealed = (final / MANIFEST).read_bytes()
+    run_card(recipe, log=lambda _: None)
+    card = (final / "README.md").read_text()
+    front = yaml.safe_load(card.split("---")[1])
+    assert front["license"] == "apache-2.0" and "sft" in front["tags"]
+    assert "<tools>" in card and "## Recipe" in card and "resources:" not in card
+
+    # An eval that finishes after packaging re-renders the card, and only the card.
+    _finished_eval(tmp_path / "run" / "eval" / "package", {"accuracy": 0.9125, "ci95": [0.83, 0.96], "n": 80})
+    logs: list[str] = []
+    run_card(recipe, log=logs.append)
+    assert "| package | function_calling | 0.912 | 0.830 to 0.960 | 80 |" in (final / "README.md").read_text()
+    assert (final / MANIFEST).read_bytes() == sealed
+    assert is_complete(final, stage_fingerprint(recipe, "package"), json.loads(sealed)["inputs"])
+    run_card(recipe, log=logs.append)
+    assert "up to date" in logs[-1]
+
+
+def _finished_eval(folder: Path, result: dict) -> None:
+    folder.mkdir(parents=True)
+    (folder / "results.json").write_text(json.dumps({"function_calling": result}))
+    write_manifest(folder, "test", {}, time.time())

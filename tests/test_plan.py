@@ -4,13 +4,16 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
+from transformers import AutoModelForCausalLM
 
 from hermes_pipeline.cli import main
-from hermes_pipeline.memory import GIB, TrainShape, ZeroSettings, estimate_memory
+from hermes_pipeline.memory import GIB, TrainShape, ZeroSettings, estimate_memory, largest_layer_parameters
 from hermes_pipeline.model_info import count_parameters, load_model_config
 from hermes_pipeline.plan import build_plan
 from hermes_pipeline.recipe.loader import load_recipe
 from hermes_pipeline.recipe.schema import LoraSection, ModelSection
+from hermes_pipeline.stages import recipe_stages
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "configs" / "recipes"
@@ -38,9 +41,11 @@ def test_lora_parameter_count_is_exact() -> None:
 
 
 def test_tiny_plan_stages_and_batch_arithmetic() -> None:
-    plan = build_plan(load_recipe(RECIPES / "tiny.yaml"))
-    assert [s.name for s in plan.stages] == ["prep", "sft", "dpo", "package", "export", "eval"]
-    sft, dpo = plan.stages[1].training, plan.stages[2].training
+    recipe = load_recipe(RECIPES / "tiny.yaml")
+    plan = build_plan(recipe)
+    assert [s.name for s in plan.stages] == [s.name for s in recipe_stages(recipe, "RECIPE")]  # run's order
+    stages = {s.name: s for s in plan.stages}
+    sft, dpo = stages["sft"].training, stages["dpo"].training
     assert (sft.global_batch, sft.tokens_per_step) == (1, 768)
     assert (dpo.global_batch, dpo.tokens_per_step) == (2, 2 * 2 * 768)
     assert sft.memory.overhead == 0, "a CPU run has no CUDA context to pay for"
@@ -53,21 +58,26 @@ def test_world_size_and_accumulation_multiply_the_batch() -> None:
         "sft.resources.processes_per_node=null",
         "sft.gradient_accumulation_steps=3",
     ]
-    sft = build_plan(load_recipe(RECIPES / "tiny.yaml", overrides)).stages[1].training
+    (sft,) = (
+        s.training
+        for s in build_plan(load_recipe(RECIPES / "tiny.yaml", overrides)).stages
+        if s.name == "sft"
+    )
     assert (sft.world_size, sft.global_batch) == (32, 1 * 3 * 32)
 
 
 def test_merge_runs_before_the_stage_that_starts_from_it() -> None:
     plan = build_plan(load_recipe(RECIPES / "hermes-2-theta-llama-3-8b.yaml"))
     names = [s.name for s in plan.stages]
-    assert names.index("merge_models") < names.index("dpo")
+    assert names.index("merge") < names.index("dpo")
 
 
-def test_lora_adds_a_merge_stage_and_trains_only_adapters() -> None:
+def test_lora_is_folded_into_the_base_when_packaging_and_trains_only_adapters() -> None:
     pretrained = ["model.init=pretrained", "model.name_or_path=mistralai/Mistral-7B-v0.1"]
     plan = build_plan(load_recipe(RECIPES / "tiny.yaml", ["sft.mode=lora", *pretrained]))
-    assert "merge_lora" in [s.name for s in plan.stages]
-    sft = plan.stages[1].training
+    stages = {s.name: s for s in plan.stages}
+    assert "folds the sft adapters into the base" in stages["package"].summary
+    sft = stages["sft"].training
     assert 0 < sft.trainable_parameters < plan.total_parameters / 2
 
 
@@ -85,18 +95,73 @@ def _shape(**changes) -> TrainShape:
     return TrainShape(**{**base, **changes})
 
 
-def _memory(**changes):
-    config = _config("mistral-7b-v0.1.json")
-    return estimate_memory(config, count_parameters(config, LoraSection()), _shape(**changes))
+def _memory(config: str = "mistral-7b-v0.1.json", **changes):
+    model_config = _config(config)
+    return estimate_memory(model_config, count_parameters(model_config, LoraSection()), _shape(**changes))
 
 
 def test_zero_stages_shard_what_they_promise() -> None:
     plain, z1, z2, z3 = (_memory(zero=ZeroSettings(stage=s)) for s in range(4))
-    assert z1.optimizer == plain.optimizer / 8 and z1.gradients == plain.gradients
-    assert z2.gradients == plain.gradients / 8 and z2.weights == plain.weights
-    assert z3.weights == plain.weights / 8
+    parameters = count_parameters(_config("mistral-7b-v0.1.json")).total
+    fp32_gradients = parameters * 4 / 8  # DeepSpeed's optimizer steps on an fp32 copy of its gradient shard
+    assert z1.optimizer == plain.optimizer / 8 and z1.weights == plain.weights
+    assert z1.gradients == plain.gradients + fp32_gradients
+    assert z2.gradients == plain.gradients / 8 + fp32_gradients and z2.weights == plain.weights
+    assert z3.weights == plain.weights / 8 and z3.gradients == fp32_gradients
+    assert z3.largest_layer > 0 and z2.largest_layer == plain.largest_layer == 0
     offloaded = _memory(zero=ZeroSettings(stage=3, offload_optimizer=True, offload_params=True))
-    assert offloaded.optimizer == 0 and offloaded.weights == 0
+    assert offloaded.optimizer == offloaded.gradients == offloaded.weights == 0
+    assert offloaded.largest_layer == z3.largest_layer
+
+
+def _deepspeed_model_states(config, stage: int, nodes: int, gpus: int, offload: bool, offload_params: bool):
+    """DeepSpeed's own per-GPU estimate, in bytes, with the largest layer found by its own walk of the model."""
+    zero2 = pytest.importorskip("deepspeed.runtime.zero.stage_1_and_2")
+    zero3 = pytest.importorskip("deepspeed.runtime.zero.stage3")
+    total = count_parameters(config).total
+    if stage == 2:
+        return zero2.estimate_zero2_model_states_mem_needs(total, gpus, nodes, cpu_offload=offload)[1]
+    with torch.device("meta"):
+        largest = zero3.model_to_params(AutoModelForCausalLM.from_config(config))[1]
+    assert largest == largest_layer_parameters(config)
+    return zero3.estimate_zero3_model_states_mem_needs(
+        total, largest, gpus, nodes, cpu_offload=offload, cpu_offload_params=offload_params
+    )[1]
+
+
+@pytest.mark.parametrize(
+    ("config", "stage", "nodes", "gpus", "offload", "offload_params"),
+    [
+        ("mistral-7b-v0.1.json", 3, 2, 8, False, False),  # Hermes 2 Pro SFT
+        ("llama-3-8b.json", 3, 1, 8, False, False),  # Hermes 2 Theta DPO
+        ("llama-3-8b.json", 3, 1, 8, True, False),
+        ("llama-3-8b.json", 3, 4, 8, True, True),
+        ("mistral-7b-v0.1.json", 2, 1, 8, False, False),
+        ("mistral-7b-v0.1.json", 2, 2, 4, True, False),
+        ("tiny-llama.json", 3, 1, 2, False, False),
+    ],
+)
+def test_model_states_match_deepspeeds_estimator(
+    config: str, stage: int, nodes: int, gpus: int, offload: bool, offload_params: bool
+) -> None:
+    zero = ZeroSettings(stage=stage, offload_optimizer=offload, offload_params=offload_params)
+    ours = _memory(config=config, zero=zero, world_size=nodes * gpus)
+    states = ours.weights + ours.gradients + ours.optimizer + ours.largest_layer
+    expected = _deepspeed_model_states(_config(config), stage, nodes, gpus, offload, offload_params)
+    assert states == pytest.approx(expected, abs=2)  # DeepSpeed truncates to whole bytes
+
+
+def test_shipped_recipes_model_states_in_gib() -> None:
+    """The figures DeepSpeed's estimators print (as "GB": bytes / 2**30) for the two ZeRO-3 recipes."""
+    for recipe, stage, expected in (
+        ("hermes-2-pro-mistral-7b.yaml", "sft", 8.08),
+        ("hermes-2-theta-llama-3-8b.yaml", "dpo", 18.78),
+    ):
+        (memory,) = (
+            s.training.memory for s in build_plan(load_recipe(RECIPES / recipe)).stages if s.name == stage
+        )
+        states = memory.weights + memory.gradients + memory.optimizer + memory.largest_layer
+        assert round(states / GIB, 2) == expected
 
 
 def test_full_7b_without_sharding_does_not_fit_an_80gb_card() -> None:
@@ -138,3 +203,19 @@ def test_plan_text_names_the_batch_and_memory(capsys: pytest.CaptureFixture[str]
     out = capsys.readouterr().out
     assert "global batch 128 = 2 micro batch x 4 accumulation x 16 world size" in out
     assert "ZeRO stage 3" in out and "GPU memory/device" in out
+
+
+@pytest.mark.parametrize("recipe", sorted(RECIPES.glob("*.yaml")), ids=lambda path: path.stem)
+def test_every_shipped_recipe_plans_on_a_fresh_machine_but_vision(
+    recipe: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """No image folders, no Hub: the text recipes plan; the Vision recipe is refused until its stages exist."""
+    monkeypatch.delenv("HERMES_IMAGE_ROOT", raising=False)
+    code = main(["plan", str(recipe)])
+    out, err = capsys.readouterr()
+    if "vision" in recipe.stem:
+        assert code == 2 and out == ""
+        assert err.startswith(f"{recipe}: vision: the Vision stages (projector pre-training, visual ")
+    else:
+        assert code == 0 and err == ""
+        assert out.strip()

@@ -148,7 +148,24 @@ def test_dpo_rows_split_prompt_and_completions(text_run: tuple[Path, dict[str, A
                 if calls
                 else message["content"]
             )
-            assert tokenizer.decode(ids, skip_special_tokens=False) == text + IM_END
+            whole = tokenizer(prompt + text + IM_END, add_special_tokens=False)["input_ids"]
+            assert prepared["prompt_input_ids"] + ids == whole, "the completion's tokens after the prompt"
+
+
+def test_a_leading_space_stays_on_the_rejected_answers_first_token(
+    text_run: tuple[Path, dict[str, Any]],
+) -> None:
+    """Intel/orca_dpo_pairs' rejected answers often start with a space: in context it is part of the first
+    piece, which an answer without the space never gets (alone, both would start with "▁")."""
+    out, _ = text_run
+    tokenizer = AutoTokenizer.from_pretrained(out / "tokenizer")
+    (prepared,) = [
+        r for r in rows(out, "dpo") if json.loads(r["row"])["rejected"][0]["content"].startswith(" ")
+    ]
+    chosen, rejected = (
+        tokenizer.convert_ids_to_tokens(prepared[f"{side}_input_ids"][0]) for side in ("chosen", "rejected")
+    )
+    assert rejected.startswith("▁") and not chosen.startswith("▁")
 
 
 def test_dpo_keeps_multi_turn_context_and_tools(text_run: tuple[Path, dict[str, Any]]) -> None:

@@ -146,13 +146,14 @@ def test_failed_stage_cancels_its_dependents_and_status_names_it(
 ) -> None:
     """The run directory's name is hostile too: sbatch must read its #SBATCH lines literally."""
     run = tmp_path / "run \"dir\" 'x' $(touch pwned) `touch pwned`; 100%j"
-    recipe = _recipe(tmp_path, run, sft={"backend": "axolotl"})  # refused when the SFT job starts
+    missing = "hermes-test/no-such-model"  # valid as a Hub id; the SFT job fails when it loads it
+    recipe = _recipe(tmp_path, run, sft={"init_from": missing})
     jobs = _submit(str(recipe), "--stages", "prep,sft,dpo", cwd=tmp_path)
     states = _wait_for_jobs(jobs)
     assert states == {"prep": "COMPLETED", "sft": "FAILED", "dpo": "CANCELLED"}
     assert "Reason=DependencyNeverSatisfied" in _show(jobs["dpo"])
     assert not (run / "dpo").exists() and not (run / "logs" / f"dpo-{jobs['dpo']}.log").exists()
-    assert "sft.backend: axolotl is not available" in _log(run, "sft", jobs["sft"])
+    assert f"model {missing}: cannot load" in _log(run, "sft", jobs["sft"])
     status = cli("slurm", "status", str(run), cwd=tmp_path).stdout
     sft_log = run / "logs" / f"sft-{jobs['sft']}.log"
     assert f"failed: sft (job {jobs['sft']}); its log: {sft_log}" in status

@@ -211,3 +211,49 @@ def test_resubmission_runs_what_is_not_done_for_this_recipe(tmp_path: Path) -> N
     names = [stage.name for stage in stages]
     assert submitted() == ["eval_sft", *names[names.index("dpo") :]]
     assert submitted("sft.learning_rate=1e-4") == names  # another recipe: nothing is done for it
+
+
+def _submission_plan(recipe: Path) -> list[str]:
+    """The sbatch lines a dry run ends with."""
+    logged: list[str] = []
+    submit(SubmitRequest(str(recipe), dry_run=True), log=logged.append)
+    header, *commands = logged[-1].splitlines()
+    assert header == "# ---- submission plan: <stage> is the job id sbatch gives that stage"
+    return commands
+
+
+def test_dry_run_ends_with_every_sbatch_line_in_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each stage waits (afterok) for the stages it needs; <stage> stands for a job id not known yet."""
+    monkeypatch.chdir(tmp_path)
+    recipe = ROOT / "configs/recipes/tiny.yaml"
+    stages = recipe_stages(load_recipe(recipe), str(recipe))
+    commands = _submission_plan(recipe)
+    scripts = tmp_path / "runs" / "tiny" / "slurm"
+    assert commands[0] == f"sbatch --parsable {scripts}/prep.sbatch"
+    assert f"sbatch --parsable --dependency=afterok:<prep>:<sft> {scripts}/dpo.sbatch" in commands
+    assert len(commands) == len(stages) >= 6
+    for position, (stage, command) in enumerate(zip(stages, commands, strict=True)):
+        assert command.endswith(f" {scripts}/{stage.name}.sbatch")
+        waits_for = re.findall(r"<(\w+)>", command)
+        assert waits_for == list(stage.needs) and (position == 0 or waits_for), command
+        assert set(waits_for) <= {earlier.name for earlier in stages[:position]}, command
+    assert not (tmp_path / "runs").exists()
+
+
+def test_submission_runs_the_plan_the_dry_run_showed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stub sbatch records each call and answers job ids 101, 102, ...: the calls are the plan's lines
+    with each <stage> replaced by that stage's job id."""
+    stubs, calls = tmp_path / "stubs", tmp_path / "sbatch-calls"
+    stubs.mkdir()
+    _stub(stubs, "sbatch", f'echo "sbatch $*" >> {calls}\nwc -l < {calls} | xargs expr 100 +')
+    monkeypatch.setenv("PATH", f"{stubs}:{os.environ['PATH']}")
+    monkeypatch.chdir(tmp_path)
+    recipe = ROOT / "configs/recipes/tiny.yaml"
+    plan = _submission_plan(recipe)
+    records = submit(SubmitRequest(str(recipe)), log=lambda _: None)
+    jobs = {record.name: record.job_id for record in records}
+    assert list(jobs.values()) == [str(101 + i) for i in range(len(plan))]
+    expected = [re.sub(r"<(\w+)>", lambda m: jobs[m.group(1)], line) for line in plan]
+    assert calls.read_text().splitlines() == expected

@@ -14,13 +14,23 @@ def test_tiny_runs_evals_around_training_then_packages_and_exports() -> None:
     path = str(RECIPES / "tiny.yaml")
     stages = recipe_stages(load_recipe(path), path, ["sft.learning_rate=1e-4"])
     assert [s.name for s in stages] == [
-        "prep", "eval_base", "sft", "eval_sft", "dpo", "eval_dpo", "package", "export",
+        "prep", "eval_base", "sft", "eval_sft", "dpo", "eval_dpo", "package", "export", "card",
     ]  # fmt: skip
     sft = stages[2]
     assert sft.command == ("train", "sft", path, "--set", "sft.learning_rate=1e-4")
     assert sft.folder.name == "sft" and sft.resources.processes_per_node == 1
     assert stages[1].command[:4] == ("eval", "stage", "--after", "base")
-    assert stages[-2].folder.name == "final" and stages[-1].command[:2] == ("export", "gguf")
+    assert stages[-3].folder.name == "final" and stages[-2].command[:2] == ("export", "gguf")
+    assert stages[-1].needs == (
+        "prep",
+        "eval_base",
+        "sft",
+        "eval_sft",
+        "dpo",
+        "eval_dpo",
+        "package",
+        "export",
+    )
 
 
 def test_theta_merges_models_before_the_dpo_that_starts_from_the_merge() -> None:
@@ -33,4 +43,4 @@ def test_theta_merges_models_before_the_dpo_that_starts_from_the_merge() -> None
 def test_disabled_stages_and_evals_drop_out() -> None:
     path = str(RECIPES / "tiny.yaml")
     recipe = load_recipe(path, ["export.enabled=false", "eval.enabled=false", "dpo.enabled=false"])
-    assert [s.name for s in recipe_stages(recipe, path)] == ["prep", "sft", "package"]
+    assert [s.name for s in recipe_stages(recipe, path)] == ["prep", "sft", "package", "card"]

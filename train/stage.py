@@ -28,9 +28,9 @@ from hermes_pipeline.rundir import (
     file_fingerprint,
     is_complete,
     stage_dir,
-    stage_fingerprint,
     write_manifest,
 )
+from hermes_pipeline.stages import stage_fingerprint
 from train.callbacks import MetricsLog, SealCheckpoints, StopOnSignal
 from train.checkpoints import checkpoint_step, checkpoints, latest_complete, remove_incomplete
 from train.data import load_split
@@ -72,8 +72,6 @@ def check_ready(recipe: Recipe, name: StageName) -> None:
     stage: TrainStage = getattr(recipe, name)
     if not stage.enabled:
         raise UserError(f"{name}.enabled is false in this recipe; nothing to train")
-    if stage.backend != "trl":
-        raise UserError(f"{name}.backend: {stage.backend} is not available in this version; use trl")
     prep = stage_dir(recipe, "prep")
     if not (prep / MANIFEST).is_file():
         raise UserError(f"{prep}: no finished data prep; run `hermes-pipeline prep` with this recipe first")
@@ -90,7 +88,7 @@ def run_train(recipe: Recipe, name: StageName, force: bool = False, log: Any = p
     out = stage_dir(recipe, name)
     prep = stage_dir(recipe, "prep")
     source = starting_point(recipe, stage)
-    fingerprint = stage_fingerprint(recipe, name, "model", "tokenizer", "seed")
+    fingerprint = stage_fingerprint(recipe, name)
     inputs = _inputs(prep, source, upstream_manifest(recipe, stage))
     if not force and is_complete(out, fingerprint, inputs):
         log(f"{name}: up to date in {out} (use --force to redo)")

@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import re
+import sys
 import typing
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,8 @@ from hermes_pipeline.recipe.checks import check_recipe
 from hermes_pipeline.recipe.schema import Recipe
 
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(:-([^}]*))?\}")
+# The data source paths prep reads when it runs: the one place a variable may still be unset at load time.
+_PREP_PATH = re.compile(r"data\.sources\[\d+\]\.(path|image_root)")
 # YAML 1.1 reads 1e-5 as a string; recipes are full of learning rates written that way.
 _FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^[-+]?\.(inf|Inf|INF)$|^\.(nan|NaN|NAN)$")
 
@@ -56,8 +59,12 @@ def parse_yaml(text: str, source: str) -> Any:
         raise RecipeError([f"{source}: invalid YAML: {exc}"]) from None
 
 
-def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
-    """Read, override and validate a recipe; raise RecipeError listing every problem found."""
+def load_recipe(path: str | Path, overrides: list[str] | None = None, strict: bool = False) -> Recipe:
+    """Read, override and validate a recipe; raise RecipeError listing every problem found.
+
+    A data source path naming an unset variable is printed as a note on stderr, or is a problem when
+    ``strict``: the variable may be set where prep runs (a cluster job), and prep refuses to start without it.
+    """
     path = Path(path)
     if not path.is_file():
         raise RecipeError([f"{path}: recipe file not found"])
@@ -65,21 +72,84 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     if not isinstance(raw, dict):
         raise RecipeError([f"{path}: a recipe is a YAML mapping of sections (name, model, data, sft, ...)"])
     overridden = apply_overrides(raw, overrides or [], str(path))
-    raw = expand_env(raw, str(path))
+    raw, unset = _expand(raw)
+    prep_paths = {key for key, _ in unset if _PREP_PATH.fullmatch(key)}
+    needed_now = [(key, name) for key, name in unset if key not in prep_paths]
+    if needed_now:
+        raise RecipeError([_line(str(path), key, _not_set(name), overridden) for key, name in needed_now])
+    # A prep path keeps its ${VAR} text, which no path check can pass: it is validated as the recipe file
+    # (which exists) and then set back.
+    kept = _stand_in_for_prep_paths(raw, prep_paths, str(path.resolve()))
     try:
         recipe = Recipe.model_validate(raw, context={"base_dir": path.resolve().parent})
     except ValidationError as exc:
         raise RecipeError(format_validation_errors(exc, str(path), overridden)) from None
-    problems = check_recipe(recipe)
+    recipe = _set_prep_paths(recipe, kept)
+    problems = [_line(str(path), key, message, overridden) for key, message in check_recipe(recipe)]
+    notes = [
+        _line(str(path), key, f"${{{name}}} is not set; needed when prep runs", overridden)
+        for key, name in _unset_prep_paths(recipe)
+    ]
+    if strict:
+        problems += notes
     if problems:
-        raise RecipeError([_line(str(path), key, message, overridden) for key, message in problems])
+        raise RecipeError(problems)
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
     return recipe
+
+
+def check_prep_paths(recipe: Recipe) -> None:
+    """Prep's own check, before it reads anything: every data source path is known by now."""
+    unset = _unset_prep_paths(recipe)
+    if unset:
+        raise RecipeError(
+            [f"{key}: ${{{name}}} is not set; export it before prep runs" for key, name in unset]
+        )
+
+
+def _unset_prep_paths(recipe: Recipe) -> list[tuple[str, str]]:
+    """``(key, variable)`` for each ``${VAR}`` left in a data source path: unset when the recipe was loaded."""
+    return [
+        (f"data.sources[{i}].{field}", match.group(1))
+        for i, source in enumerate(recipe.data.sources)
+        for field in ("path", "image_root")
+        for match in _ENV.finditer(getattr(source, field) or "")
+    ]
+
+
+def _stand_in_for_prep_paths(
+    raw: dict[str, Any], keys: set[str], stand_in: str
+) -> dict[tuple[int, str], str]:
+    """Put ``stand_in`` at each data source path among ``keys``; return the text each held, by (index, field)."""
+    kept: dict[tuple[int, str], str] = {}
+    for key in keys:
+        index, field = _split(key)[2:]  # data.sources[INDEX].FIELD
+        source = raw["data"]["sources"][int(index)]
+        kept[int(index), field] = source[field]
+        source[field] = stand_in
+    return kept
+
+
+def _set_prep_paths(recipe: Recipe, texts: dict[tuple[int, str], str]) -> Recipe:
+    sources = list(recipe.data.sources)
+    for (index, field), text in texts.items():
+        sources[index] = sources[index].model_copy(update={field: text})
+    return recipe.model_copy(update={"data": recipe.data.model_copy(update={"sources": sources})})
 
 
 def expand_env(raw: Any, source: str) -> Any:
     """Expand ``${VAR}`` and ``${VAR:-default}`` in string values: site paths (image folders, scratch)
-    differ per cluster, so a shipped recipe names a variable instead of a path."""
-    missing: list[str] = []
+    differ per cluster, so a shipped recipe names a variable instead of a path. Every variable must be set."""
+    expanded, unset = _expand(raw)
+    if unset:
+        raise RecipeError([f"{source}: {key}: {_not_set(name)}" for key, name in unset])
+    return expanded
+
+
+def _expand(raw: Any) -> tuple[Any, list[tuple[str, str]]]:
+    """``raw`` with its variables expanded, and ``(key, variable)`` for each unset one, left as written."""
+    unset: list[tuple[str, str]] = []
 
     def expand(node: Any, key: str) -> Any:
         if isinstance(node, dict):
@@ -87,24 +157,23 @@ def expand_env(raw: Any, source: str) -> Any:
         if isinstance(node, list):
             return [expand(v, f"{key}[{i}]") for i, v in enumerate(node)]
         if isinstance(node, str):
-            return _ENV.sub(lambda m: _lookup(m, key, missing), node)
+            return _ENV.sub(lambda m: _lookup(m, key, unset), node)
         return node
 
-    expanded = expand(raw, "")
-    if missing:
-        raise RecipeError([f"{source}: {line}" for line in missing])
-    return expanded
+    return expand(raw, ""), unset
 
 
-def _lookup(match: re.Match[str], key: str, missing: list[str]) -> str:
+def _lookup(match: re.Match[str], key: str, unset: list[tuple[str, str]]) -> str:
     name, default = match.group(1), match.group(3)
     value = os.environ.get(name) or default
     if value is None:
-        missing.append(
-            f"{key}: environment variable {name} is not set; export it or write ${{{name}:-default}}"
-        )
-        return ""
+        unset.append((key, name))
+        return match.group(0)
     return value
+
+
+def _not_set(name: str) -> str:
+    return f"environment variable {name} is not set; export it or write ${{{name}:-default}}"
 
 
 def _split(key: str) -> list[str]:

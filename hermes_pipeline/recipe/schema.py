@@ -269,7 +269,6 @@ class PackageSection(Section):
 class ExportSection(Section):
     enabled: bool = True
     gguf_types: list[str] = ["f16", "q8_0", "q4_k_m", "q5_k_m"]
-    verify: bool = True
     resources: Resources = Resources(gpus_per_node=0, cpus_per_task=16, time="04:00:00")
 
 
