@@ -58,6 +58,9 @@ from typing import Any
 
 import torch
 from datasets import Dataset
+from hermes_pipeline.train.data import COLUMNS
+from hermes_pipeline.train.model import load_model, starting_point
+from hermes_pipeline.train.stage import build_trainer, training_args
 from train_throughput import dpo_pairs, prepare, quiet, sft_rows
 from transformers import AutoTokenizer, TrainerCallback
 from transformers.utils import is_flash_attn_2_available
@@ -69,9 +72,6 @@ from hermes_pipeline.recipe.loader import load_recipe
 from hermes_pipeline.recipe.schema import Recipe
 from hermes_pipeline.rundir import stage_dir
 from hermes_pipeline.tiny import load_tiny_tokenizer
-from train.data import COLUMNS
-from train.model import load_model, starting_point
-from train.stage import build_trainer, training_args
 
 ROOT = Path(__file__).resolve().parents[1]
 # The base every run's recipe overrides: its data sources are never read (the shards are written here).

@@ -78,11 +78,11 @@ def measured(work: Callable[[], None]) -> dict[str, float]:
 def build_inputs(folder: Path, hidden: int, layers: int, shard_size: str) -> None:
     """Two models and an adapter, written tensor by tensor (this process never holds a whole model)."""
     import torch
+    from hermes_pipeline.merge.shards import parse_size, write_shards
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     from hermes_pipeline.chat_format.tokens import save_tokenizer
     from hermes_pipeline.tiny import load_tiny_tokenizer
-    from merge.shards import parse_size, write_shards
 
     tokenizer = load_tiny_tokenizer()
     config = LlamaConfig(
@@ -123,9 +123,8 @@ def build_inputs(folder: Path, hidden: int, layers: int, shard_size: str) -> Non
 
 def write_adapter(folder: Path, shapes: dict, base: Path) -> None:
     import torch
+    from hermes_pipeline.train.model import record_adapter_base
     from safetensors.torch import save_file
-
-    from train.model import record_adapter_base
 
     folder.mkdir()
     generator = torch.Generator().manual_seed(3)
@@ -162,15 +161,14 @@ def write_adapter(folder: Path, shapes: dict, base: Path) -> None:
 def run_case(case: str, folder: Path, shard_size: str) -> dict[str, float]:
     """One measurement, in this (fresh) process."""
     import torch
-
-    from merge.shards import parse_size
+    from hermes_pipeline.merge.shards import parse_size
 
     torch.set_num_threads(os.cpu_count() or 1)
     out = folder / f"out-{case}"
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir()
     if case == "lora_streamed":
-        from merge.lora import merge_adapters
+        from hermes_pipeline.merge.lora import merge_adapters
 
         return measured(
             lambda: merge_adapters(str(folder / "base"), [folder / "adapter"], out, parse_size(shard_size))
@@ -186,8 +184,9 @@ def run_case(case: str, folder: Path, shard_size: str) -> dict[str, float]:
 
         return measured(peft_merge)
     if case == "slerp":
+        from hermes_pipeline.merge.models import merge_models
+
         from hermes_pipeline.recipe.schema import ModelMerge
-        from merge.models import merge_models
 
         spec = ModelMerge.model_validate(
             {
@@ -200,11 +199,11 @@ def run_case(case: str, folder: Path, shard_size: str) -> dict[str, float]:
         )
         return measured(lambda: merge_models(spec, out / "model", 64, shard_size, 0))
     if case == "gguf_f16":
-        from merge.gguf import convert
+        from hermes_pipeline.merge.gguf import convert
 
         return measured(lambda: convert(folder / "base", out / "model-f16.gguf", "f16", log=lambda _: None))
     if case == "gguf_q4_k_m":
-        from merge.gguf import convert, quantize
+        from hermes_pipeline.merge.gguf import convert, quantize
 
         source = folder / "model-f16.gguf"
         if not source.is_file():
@@ -230,7 +229,7 @@ def main() -> None:
     if args.case:  # a child process: one measurement, printed as JSON
         print(json.dumps(run_case(args.case, folder, args.shard_size)))
         return
-    from merge.shards import shard_files
+    from hermes_pipeline.merge.shards import shard_files
 
     print(f"building inputs in {folder}", file=sys.stderr)
     build_inputs(folder, args.hidden, args.layers, args.shard_size)

@@ -24,13 +24,19 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from hermes_pipeline.data_prep import sources
+from hermes_pipeline.data_prep.mixture import Decontaminator, dedup_key, eval_prompts, unit_interval
+from hermes_pipeline.data_prep.readers import Record, iter_records
+from hermes_pipeline.data_prep.rows import Reject
+from hermes_pipeline.data_prep.tokenize import (
+    IGNORE_INDEX,
+    render_dpo,
+    render_sft,
+    tokenize_dpo,
+    tokenize_rendered,
+)
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from data_prep import sources
-from data_prep.mixture import Decontaminator, dedup_key, eval_prompts, unit_interval
-from data_prep.readers import Record, iter_records
-from data_prep.rows import Reject
-from data_prep.tokenize import IGNORE_INDEX, render_dpo, render_sft, tokenize_dpo, tokenize_rendered
 from hermes_pipeline.chat_format.tokens import prepare_tokenizer, save_tokenizer
 from hermes_pipeline.errors import UserError
 from hermes_pipeline.recipe.loader import check_prep_paths, recipe_hash

@@ -16,11 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from jsonschema.exceptions import SchemaError
-from jsonschema.validators import Draft202012Validator, validator_for
-from PIL import Image
-
-from data_prep.rows import (
+from hermes_pipeline.data_prep.rows import (
     FORBIDDEN_IN_CONTENT,
     ROLES,
     Reject,
@@ -29,6 +25,10 @@ from data_prep.rows import (
     check_sft_row,
     message,
 )
+from jsonschema.exceptions import SchemaError
+from jsonschema.validators import Draft202012Validator, validator_for
+from PIL import Image
+
 from hermes_pipeline.chat_format.tool_calls import (
     TOOLS_OPEN,
     ToolCall,

@@ -12,10 +12,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from hermes_pipeline.data_prep.rows import Reject
 from jinja2 import TemplateError
 from transformers import PreTrainedTokenizerBase
 
-from data_prep.rows import Reject
 from hermes_pipeline.chat_format.templates import render
 from hermes_pipeline.chat_format.tokens import IM_END, IM_START
 from hermes_pipeline.chat_format.tool_calls import ToolCall, render_tool_calls

@@ -122,7 +122,7 @@ class LlamaCppBackend:
             raise UserError(f"model {gguf}: no such GGUF file")
         self.llm = Llama(model_path=str(gguf), n_ctx=n_ctx, seed=sampling.seed, verbose=False)
         self.sampling = sampling
-        from merge.gguf_check import bos_text
+        from hermes_pipeline.merge.gguf_check import bos_text
 
         self.bos_text = bos_text(self.llm)
 

@@ -29,9 +29,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO, Any, Literal
 
-from data_prep.readers import Record, iter_records
-from data_prep.rows import Reject, check_dpo_row, message
-from evals.scoring import (
+from hermes_pipeline.data_prep.readers import Record, iter_records
+from hermes_pipeline.data_prep.rows import Reject, check_dpo_row, message
+from hermes_pipeline.evals.scoring import (
     EvalRowError,
     Verdict,
     aggregate,
@@ -42,6 +42,7 @@ from evals.scoring import (
     score_function_calling,
     score_json_mode,
 )
+
 from hermes_pipeline.chat_format.tool_calls import render_tool_calls
 from hermes_pipeline.errors import UserError
 

@@ -23,10 +23,18 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from evals.backends import Backend, LlamaCppBackend, OpenAIBackend, Sampling, TransformersBackend
-from evals.generate import eval_set_name, evaluate
-from evals.harness import SUITES, run_suites
-from evals.scoring import wilson_interval
+from hermes_pipeline.evals.backends import (
+    Backend,
+    LlamaCppBackend,
+    OpenAIBackend,
+    Sampling,
+    TransformersBackend,
+)
+from hermes_pipeline.evals.generate import eval_set_name, evaluate
+from hermes_pipeline.evals.harness import SUITES, run_suites
+from hermes_pipeline.evals.scoring import wilson_interval
+from hermes_pipeline.train.model import MODEL_SUBDIR, load_model, load_trained
+
 from hermes_pipeline.errors import UserError
 from hermes_pipeline.recipe.schema import Recipe, SftStage
 from hermes_pipeline.rundir import (
@@ -36,7 +44,6 @@ from hermes_pipeline.rundir import (
     stage_dir,
 )
 from hermes_pipeline.stages import eval_dir, run_stage
-from train.model import MODEL_SUBDIR, load_model, load_trained
 
 RESULTS_FILE = "results.json"
 # The folder each point's model lives in, relative to the run directory; "base" is built, not read.

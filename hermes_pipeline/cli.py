@@ -108,8 +108,8 @@ def _plan(args: argparse.Namespace) -> None:
 
 
 def _prep(args: argparse.Namespace) -> None:
-    from data_prep.inspect import inspect_rows
-    from data_prep.pipeline import run_prep
+    from hermes_pipeline.data_prep.inspect import inspect_rows
+    from hermes_pipeline.data_prep.pipeline import run_prep
     from hermes_pipeline.recipe.loader import load_recipe
 
     out = run_prep(load_recipe(args.recipe, args.overrides), force=args.force)
@@ -119,8 +119,8 @@ def _prep(args: argparse.Namespace) -> None:
 
 def _train(args: argparse.Namespace) -> None:
     from hermes_pipeline.recipe.loader import load_recipe
-    from train.launch import configure_devices, relaunch_command
-    from train.stage import check_ready, run_train
+    from hermes_pipeline.train.launch import configure_devices, relaunch_command
+    from hermes_pipeline.train.stage import check_ready, run_train
 
     recipe = load_recipe(args.recipe, args.overrides)
     stage = getattr(recipe, args.stage)
@@ -210,12 +210,12 @@ def _add_merge_commands(commands: argparse._SubParsersAction) -> None:
 def _merge_lora(args: argparse.Namespace) -> None:
     from pathlib import Path
 
-    from merge.lora import adapter_chain, write_merged_model
-    from merge.shards import parse_size
+    from hermes_pipeline.merge.lora import adapter_chain, write_merged_model
+    from hermes_pipeline.merge.shards import parse_size
 
     if args.recipe is not None:
+        from hermes_pipeline.merge.lora import run_merge_lora
         from hermes_pipeline.recipe.loader import load_recipe
-        from merge.lora import run_merge_lora
 
         run_merge_lora(load_recipe(args.recipe, args.overrides))
         return
@@ -228,22 +228,22 @@ def _merge_lora(args: argparse.Namespace) -> None:
 
 
 def _merge_models(args: argparse.Namespace) -> None:
+    from hermes_pipeline.merge.models import run_model_merge
     from hermes_pipeline.recipe.loader import load_recipe
-    from merge.models import run_model_merge
 
     run_model_merge(load_recipe(args.recipe, args.overrides), force=args.force)
 
 
 def _package(args: argparse.Namespace) -> None:
+    from hermes_pipeline.merge.package import run_package
     from hermes_pipeline.recipe.loader import load_recipe
-    from merge.package import run_package
 
     run_package(load_recipe(args.recipe, args.overrides), force=args.force)
 
 
 def _card(args: argparse.Namespace) -> None:
+    from hermes_pipeline.merge.card import run_card
     from hermes_pipeline.recipe.loader import load_recipe
-    from merge.card import run_card
 
     run_card(load_recipe(args.recipe, args.overrides), force=args.force)
 
@@ -253,14 +253,14 @@ def _export_gguf(args: argparse.Namespace) -> None:
 
     target = Path(args.target)
     if target.is_dir():
-        from merge.gguf import export_gguf
+        from hermes_pipeline.merge.gguf import export_gguf
 
         types = (args.types or "f16,q8_0,q4_k_m").split(",")
         out = Path(args.out) if args.out else target.with_name(target.name + "-gguf")
         export_gguf(target, out, types, target.name)
         return
+    from hermes_pipeline.merge.gguf import run_export
     from hermes_pipeline.recipe.loader import load_recipe
-    from merge.gguf import run_export
 
     overrides = list(args.overrides)
     if args.types:
@@ -273,7 +273,7 @@ def _serve(args: argparse.Namespace) -> None:
     import signal
     from pathlib import Path
 
-    from merge.serve import serve
+    from hermes_pipeline.merge.serve import serve
 
     def stop(signum: int, frame: object) -> None:
         raise KeyboardInterrupt  # SIGTERM stops it like Ctrl-C: llama-server never outlives the command
@@ -381,7 +381,7 @@ def _positive_int(text: str) -> int:
 
 
 def _eval(args: argparse.Namespace) -> None:
-    from evals.predictions import format_results, score_predictions
+    from hermes_pipeline.evals.predictions import format_results, score_predictions
 
     kind = args.kind.replace("-", "_")
     lenient = getattr(args, "lenient", False)
@@ -390,8 +390,8 @@ def _eval(args: argparse.Namespace) -> None:
             raise UserError("--predictions scores answers made elsewhere; drop MODEL and --endpoint, or it")
         results = score_predictions(args.predictions, kind, args.out, lenient=lenient)
     else:
-        from evals.backends import Sampling, open_backend
-        from evals.generate import evaluate
+        from hermes_pipeline.evals.backends import Sampling, open_backend
+        from hermes_pipeline.evals.generate import evaluate
 
         if not 0 <= args.temperature <= 2:
             raise UserError(f"--temperature {args.temperature}: must be between 0 and 2")
@@ -404,7 +404,7 @@ def _eval(args: argparse.Namespace) -> None:
 def _eval_harness(args: argparse.Namespace) -> None:
     from pathlib import Path
 
-    from evals.harness import SUITES, Suite, format_suite, run_suites
+    from hermes_pipeline.evals.harness import SUITES, Suite, format_suite, run_suites
 
     if args.tasks is not None:
         suites = {"tasks": Suite(tuple(task.strip() for task in args.tasks.split(",") if task.strip()))}
@@ -426,7 +426,7 @@ def _eval_harness(args: argparse.Namespace) -> None:
 
 
 def _eval_stage(args: argparse.Namespace) -> None:
-    from evals.stage import run_eval_stage
+    from hermes_pipeline.evals.stage import run_eval_stage
     from hermes_pipeline.recipe.loader import load_recipe
 
     run_eval_stage(load_recipe(args.recipe, args.overrides), args.after, force=args.force)
@@ -487,7 +487,7 @@ def _at_least(low: int) -> Callable[[str], int]:
 
 
 def _slurm_submit(args: argparse.Namespace) -> None:
-    from slurm.submit import SubmitRequest, submit
+    from hermes_pipeline.slurm.submit import SubmitRequest, submit
 
     request = SubmitRequest(
         recipe=args.recipe,
@@ -506,7 +506,7 @@ def _slurm_submit(args: argparse.Namespace) -> None:
 def _slurm_status(args: argparse.Namespace) -> None:
     from pathlib import Path
 
-    from slurm.status import format_status, run_status
+    from hermes_pipeline.slurm.status import format_status, run_status
 
     print(format_status(run_status(Path(args.run_dir))))
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from hermes_pipeline.merge.probes import CONVERSATIONS
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from hermes_pipeline.errors import UserError
@@ -26,7 +27,6 @@ from hermes_pipeline.recipe.checks import training_stages
 from hermes_pipeline.recipe.schema import Recipe
 from hermes_pipeline.rundir import MANIFEST, file_fingerprint, run_dir, stage_dir
 from hermes_pipeline.stages import recipe_stages, run_stage, without_resources
-from merge.probes import CONVERSATIONS
 
 CURVES = "curves"
 CARD = "README.md"

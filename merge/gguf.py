@@ -13,6 +13,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from hermes_pipeline.merge.gguf_check import GgufReport, reference_of, verify_gguf
+from hermes_pipeline.merge.server_check import sampling_defaults
+from hermes_pipeline.merge.shards import check_free_space, model_bytes
+
 from hermes_pipeline.errors import UserError
 from hermes_pipeline.recipe.schema import GGUF_TYPES, Recipe
 from hermes_pipeline.rundir import (
@@ -22,9 +26,6 @@ from hermes_pipeline.rundir import (
     staged_output,
 )
 from hermes_pipeline.stages import run_stage
-from merge.gguf_check import GgufReport, reference_of, verify_gguf
-from merge.server_check import sampling_defaults
-from merge.shards import check_free_space, model_bytes
 
 GGUF = "gguf"
 CONVERTER_TYPES = ("f32", "f16", "bf16")
@@ -197,7 +198,7 @@ def quantize(source: Path, out_file: Path, gguf_type: str) -> None:
 
 def run_export(recipe: Recipe, force: bool = False, log: Callable[[str], None] = print) -> Path:
     """The recipe stage: export runs/<name>/final to runs/<name>/gguf/, skipped when already done."""
-    from merge.package import FINAL
+    from hermes_pipeline.merge.package import FINAL
 
     model_dir = stage_dir(recipe, FINAL)
     upstream = model_dir / MANIFEST

@@ -16,14 +16,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from hermes_pipeline.merge.probes import max_difference, probe_ids, probe_logits
+from hermes_pipeline.merge.shards import iter_tensors, model_bytes, tensor_names, write_shards
+from hermes_pipeline.train.model import ADAPTER_BASE, is_adapter
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from hermes_pipeline.errors import UserError
 from hermes_pipeline.recipe.schema import Recipe
-from merge.probes import max_difference, probe_ids, probe_logits
-from merge.shards import iter_tensors, model_bytes, tensor_names, write_shards
-from train.model import ADAPTER_BASE, is_adapter
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -279,9 +279,8 @@ def peft_model(
     base: str, chain: list[Path], pad_to_multiple_of: int = 64, dequantize: bool = False
 ) -> PreTrainedModel:
     """The reference: what training had in memory, built by peft itself from the same files."""
+    from hermes_pipeline.train.model import fit_embeddings
     from peft import PeftModel
-
-    from train.model import fit_embeddings
 
     model = AutoModelForCausalLM.from_pretrained(local_model_dir(base), dtype="auto")
     if dequantize:
@@ -334,9 +333,10 @@ def write_merged_model(
 ) -> float:
     """A complete merged model folder (weights, config, tokenizer, generation config), verified before it
     is renamed into place. Returns the largest logit difference from the PEFT model."""
+    from hermes_pipeline.merge.shards import check_free_space
+
     from hermes_pipeline.chat_format.tokens import save_tokenizer
     from hermes_pipeline.rundir import staged_output
-    from merge.shards import check_free_space
 
     check_free_space(out_dir.parent, int(1.1 * merged_size(base)))
     with staged_output(out_dir) as partial:
@@ -351,10 +351,11 @@ def write_merged_model(
 
 def run_merge_lora(recipe: Recipe) -> Path:
     """The recipe form: the last training stage's adapter, merged into runs/<name>/<stage>/merged."""
+    from hermes_pipeline.merge.shards import parse_size
+    from hermes_pipeline.train.model import MODEL_SUBDIR
+
     from hermes_pipeline.recipe.checks import training_stages
     from hermes_pipeline.rundir import stage_dir
-    from merge.shards import parse_size
-    from train.model import MODEL_SUBDIR
 
     stages = list(training_stages(recipe))
     adapter = stage_dir(recipe, stages[-1]) / MODEL_SUBDIR if stages else None

@@ -11,6 +11,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from hermes_pipeline.merge.shards import parse_size
+from hermes_pipeline.train.model import MODEL_SUBDIR
 from transformers import AutoTokenizer
 
 from hermes_pipeline.chat_format.templates import install_templates
@@ -19,8 +21,6 @@ from hermes_pipeline.errors import UserError
 from hermes_pipeline.recipe.schema import ModelMerge, Recipe
 from hermes_pipeline.rundir import stage_dir
 from hermes_pipeline.stages import run_stage
-from merge.shards import parse_size
-from train.model import MODEL_SUBDIR
 
 
 def mergekit_config(spec: ModelMerge, pad_to_multiple_of: int) -> dict[str, Any]:

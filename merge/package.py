@@ -14,6 +14,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from hermes_pipeline.merge.card import PUBLISHED
+from hermes_pipeline.merge.lora import (
+    adapter_chain,
+    dequantize_base,
+    merge_adapters,
+    merged_size,
+    verify_merge,
+)
+from hermes_pipeline.merge.probes import max_difference, probe_ids, probe_logits
+from hermes_pipeline.merge.shards import check_free_space, iter_tensors, model_bytes, parse_size, write_shards
+from hermes_pipeline.train.model import MODEL_SUBDIR, is_adapter
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -33,11 +44,6 @@ from hermes_pipeline.rundir import (
     stage_dir,
 )
 from hermes_pipeline.stages import run_stage
-from merge.card import PUBLISHED
-from merge.lora import adapter_chain, dequantize_base, merge_adapters, merged_size, verify_merge
-from merge.probes import max_difference, probe_ids, probe_logits
-from merge.shards import check_free_space, iter_tensors, model_bytes, parse_size, write_shards
-from train.model import MODEL_SUBDIR, is_adapter
 
 FINAL = "final"
 

@@ -26,10 +26,10 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, TypeVar
 
+from hermes_pipeline.data_prep.mixture import Decontaminator
+from hermes_pipeline.data_prep.sources import convert
 from transformers import PreTrainedTokenizerBase
 
-from data_prep.mixture import Decontaminator
-from data_prep.sources import convert
 from hermes_pipeline.chat_format.prompts import json_mode_system_prompt
 from hermes_pipeline.chat_format.templates import render
 from hermes_pipeline.chat_format.tool_calls import parse_tool_calls

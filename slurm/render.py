@@ -24,8 +24,9 @@ from typing import TYPE_CHECKING
 from hermes_pipeline.errors import StageInterrupted, UserError
 
 if TYPE_CHECKING:  # `slurm status` imports this module and needs no recipe machinery (which loads torch)
+    from hermes_pipeline.slurm.site import SiteConfig
+
     from hermes_pipeline.stages import Stage
-    from slurm.site import SiteConfig
 
 TRAINING_KINDS = ("sft", "dpo")
 # torchrun handles these by passing them on to its workers, which checkpoint on USR1 and TERM; unhandled,

@@ -6,10 +6,9 @@ import json
 from pathlib import Path
 
 import pytest
+from hermes_pipeline.merge.llama_server import free_port
+from hermes_pipeline.merge.serve import serve
 from train_support import ROOT, cli
-
-from merge.llama_server import free_port
-from merge.serve import serve
 
 pytestmark = pytest.mark.slow
 

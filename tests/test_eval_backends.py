@@ -12,10 +12,16 @@ from typing import Any
 
 import pytest
 import torch
+from hermes_pipeline.evals.backends import (
+    LlamaCppBackend,
+    OpenAIBackend,
+    Sampling,
+    TransformersBackend,
+    open_backend,
+)
+from hermes_pipeline.evals.generate import eval_prompt, evaluate, load_eval_rows
+from hermes_pipeline.evals.scoring import expected_calls
 
-from evals.backends import LlamaCppBackend, OpenAIBackend, Sampling, TransformersBackend, open_backend
-from evals.generate import eval_prompt, evaluate, load_eval_rows
-from evals.scoring import expected_calls
 from hermes_pipeline.chat_format.templates import render
 from hermes_pipeline.chat_format.tokens import IM_END, save_tokenizer
 from hermes_pipeline.chat_format.tool_calls import render_tool_calls
@@ -211,7 +217,7 @@ def test_unreachable_endpoint_is_one_clear_error(tmp_path: Path, server: tuple[s
 def tiny_gguf(tmp_path_factory: pytest.TempPathFactory, tiny: tuple[Any, Any]) -> Path:
     """The tiny model converted by the export stage's converter, in f32 so that it computes what torch does."""
     pytest.importorskip("llama_cpp")
-    from merge.gguf import convert
+    from hermes_pipeline.merge.gguf import convert
 
     folder = tmp_path_factory.mktemp("gguf")
     model, tokenizer = tiny

@@ -10,14 +10,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hermes_pipeline.data_prep.pipeline import run_prep
+from hermes_pipeline.evals.backends import Sampling, TransformersBackend
+from hermes_pipeline.evals.generate import eval_prompt, load_eval_rows
+from hermes_pipeline.train.model import load_model
 from train_support import TINY, cli, prepared, small_recipe_dict, write_recipe
 
-from data_prep.pipeline import run_prep
-from evals.backends import Sampling, TransformersBackend
-from evals.generate import eval_prompt, load_eval_rows
 from hermes_pipeline.recipe.loader import load_recipe
 from hermes_pipeline.rundir import MANIFEST
-from train.model import load_model
 
 FC_SET, JSON_SET = TINY / "func_calling_eval.jsonl", TINY / "json_mode_eval.jsonl"
 LIMIT, TOKENS = 4, 8

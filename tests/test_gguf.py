@@ -10,6 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from hermes_pipeline.merge.gguf import export_gguf, file_name, is_llama3_tokenizer
+from hermes_pipeline.merge.gguf_check import GgufCheckFailed, load, read_metadata, reply
+from hermes_pipeline.merge.llama_server import free_port
+from hermes_pipeline.merge.package import write_generation_settings
+from hermes_pipeline.merge.probes import SERVED_CONVERSATIONS, UNITS_TOOL, WEATHER_TOOL, probe_texts
+from hermes_pipeline.merge.serve import serve
+from hermes_pipeline.merge.server_check import FORCED_CALL_PREFIX, sampling_defaults
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
@@ -17,13 +24,6 @@ from hermes_pipeline.chat_format.tokens import IM_END, IM_START, prepare_tokeniz
 from hermes_pipeline.errors import UserError
 from hermes_pipeline.recipe.schema import PackageSection
 from hermes_pipeline.tiny import build_tiny_model, load_tiny_tokenizer, tiny_model_config
-from merge.gguf import export_gguf, file_name, is_llama3_tokenizer
-from merge.gguf_check import GgufCheckFailed, load, read_metadata, reply
-from merge.llama_server import free_port
-from merge.package import write_generation_settings
-from merge.probes import SERVED_CONVERSATIONS, UNITS_TOOL, WEATHER_TOOL, probe_texts
-from merge.serve import serve
-from merge.server_check import FORCED_CALL_PREFIX, sampling_defaults
 
 pytestmark = pytest.mark.slow
 

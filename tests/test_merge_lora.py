@@ -7,6 +7,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from hermes_pipeline.merge.lora import (
+    adapter_chain,
+    four_bit_roundtrip,
+    merge_adapters,
+    verify_merge,
+    write_merged_model,
+)
+from hermes_pipeline.merge.shards import INDEX, shard_files
+from hermes_pipeline.train.model import chat_token_ids, fit_embeddings, lora_config, record_adapter_base
 from peft import PeftModel, get_peft_model
 from train_support import cli
 from transformers import AutoModelForCausalLM
@@ -15,9 +24,6 @@ from hermes_pipeline.chat_format.tokens import save_tokenizer
 from hermes_pipeline.errors import UserError
 from hermes_pipeline.recipe.schema import LoraSection, SftStage
 from hermes_pipeline.tiny import build_tiny_model, load_tiny_tokenizer
-from merge.lora import adapter_chain, four_bit_roundtrip, merge_adapters, verify_merge, write_merged_model
-from merge.shards import INDEX, shard_files
-from train.model import chat_token_ids, fit_embeddings, lora_config, record_adapter_base
 
 BASE_ROWS = 1472  # fewer rows than the tokenizer needs: the training stage grew them to 1536
 
@@ -132,7 +138,7 @@ def test_write_merged_model_leaves_no_output_when_verification_fails(
     def broken(*args: object, **kwargs: object) -> None:
         raise UserError("verification failed on purpose")
 
-    monkeypatch.setattr("merge.lora.verify_merge", broken)
+    monkeypatch.setattr("hermes_pipeline.merge.lora.verify_merge", broken)
     with pytest.raises(UserError):
         write_merged_model(str(base), [sft, dpo], tmp_path / "out", 10**9)
     assert list(tmp_path.iterdir()) == []

@@ -10,6 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from hermes_pipeline.merge.card import run_card
+from hermes_pipeline.merge.package import check_packaged, run_package
+from hermes_pipeline.merge.probes import probe_ids, probe_logits
+from hermes_pipeline.merge.shards import INDEX, shard_files
+from hermes_pipeline.train.model import lora_config, record_adapter_base
 from peft import get_peft_model
 from train_support import small_recipe_dict, write_recipe
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -22,11 +27,6 @@ from hermes_pipeline.recipe.schema import LoraSection, SftStage
 from hermes_pipeline.rundir import MANIFEST, file_fingerprint, is_complete, write_manifest
 from hermes_pipeline.stages import stage_fingerprint
 from hermes_pipeline.tiny import build_tiny_model, load_tiny_tokenizer
-from merge.card import run_card
-from merge.package import check_packaged, run_package
-from merge.probes import probe_ids, probe_logits
-from merge.shards import INDEX, shard_files
-from train.model import lora_config, record_adapter_base
 
 
 def _recipe(tmp_path: Path, **changes: object):
@@ -90,7 +90,7 @@ def test_a_failed_check_leaves_nothing_that_looks_finished(
     def broken(folder: Path) -> None:
         raise UserError("check failed on purpose")
 
-    monkeypatch.setattr("merge.package.check_packaged", broken)
+    monkeypatch.setattr("hermes_pipeline.merge.package.check_packaged", broken)
     with pytest.raises(UserError):
         run_package(recipe, log=lambda _: None)
     assert not (tmp_path / "run" / "final").exists() and not (tmp_path / "run" / "final.partial").exists()

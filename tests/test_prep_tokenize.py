@@ -3,14 +3,10 @@
 import functools
 
 import pytest
-from prep_support import FIXTURES, TEXT_SOURCES
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
-
-from data_prep import sources
-from data_prep.readers import iter_records
-from data_prep.rows import Reject
-from data_prep.tokenize import (
+from hermes_pipeline.data_prep import sources
+from hermes_pipeline.data_prep.readers import iter_records
+from hermes_pipeline.data_prep.rows import Reject
+from hermes_pipeline.data_prep.tokenize import (
     IGNORE_INDEX,
     VICUNA_SYSTEM,
     plain_chatml,
@@ -19,6 +15,10 @@ from data_prep.tokenize import (
     tokenize_dpo,
     tokenize_rendered,
 )
+from prep_support import FIXTURES, TEXT_SOURCES
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
 from hermes_pipeline.chat_format.templates import render
 from hermes_pipeline.chat_format.tokens import prepare_tokenizer
 from hermes_pipeline.recipe.schema import DataSource

@@ -6,8 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-from data_prep.readers import (
+from hermes_pipeline.data_prep.readers import (
     INVALID_UTF8,
     NOT_AN_OBJECT,
     TRUNCATED,
@@ -15,6 +14,7 @@ from data_prep.readers import (
     iter_json_array,
     iter_records,
 )
+
 from hermes_pipeline.errors import UserError
 
 CHUNK_SIZES = [7, 64, 4096]

@@ -334,7 +334,7 @@ def test_unset_variable_in_a_data_path_is_a_note_until_prep_runs(
 def test_prep_refuses_a_data_path_whose_variable_is_unset(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from data_prep.pipeline import run_prep
+    from hermes_pipeline.data_prep.pipeline import run_prep
 
     recipe = load_recipe(_with_unset_data_folder(tmp_path, monkeypatch))
     with pytest.raises(RecipeError) as info:

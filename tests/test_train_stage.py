@@ -14,13 +14,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from hermes_pipeline.train.checkpoints import SEAL
 from safetensors.torch import load_file
 from train_support import ROOT, cli, prepared, small_recipe_dict, write_recipe
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from hermes_pipeline.chat_format.tokens import CHAT_TOKENS, IM_END
 from hermes_pipeline.tiny import build_tiny_model, load_tiny_tokenizer
-from train.checkpoints import SEAL
 
 pytestmark = pytest.mark.slow
 

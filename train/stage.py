@@ -17,6 +17,23 @@ from typing import Any, Literal
 
 import torch
 from datasets import Dataset
+from hermes_pipeline.train.callbacks import MetricsLog, SealCheckpoints, StopOnSignal
+from hermes_pipeline.train.checkpoints import checkpoint_step, checkpoints, latest_complete, remove_incomplete
+from hermes_pipeline.train.data import load_split
+from hermes_pipeline.train.launch import barrier, launched
+from hermes_pipeline.train.model import (
+    MODEL_SUBDIR,
+    is_adapter,
+    load_model,
+    load_trained,
+    lora_config,
+    record_adapter_base,
+    starting_point,
+    upstream_manifest,
+    whole_weights,
+)
+from hermes_pipeline.train.plots import write_plots
+from hermes_pipeline.train.tracking import configure_wandb, run_name
 from transformers import AutoTokenizer
 from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
@@ -31,23 +48,6 @@ from hermes_pipeline.rundir import (
     write_manifest,
 )
 from hermes_pipeline.stages import stage_fingerprint
-from train.callbacks import MetricsLog, SealCheckpoints, StopOnSignal
-from train.checkpoints import checkpoint_step, checkpoints, latest_complete, remove_incomplete
-from train.data import load_split
-from train.launch import barrier, launched
-from train.model import (
-    MODEL_SUBDIR,
-    is_adapter,
-    load_model,
-    load_trained,
-    lora_config,
-    record_adapter_base,
-    starting_point,
-    upstream_manifest,
-    whole_weights,
-)
-from train.plots import write_plots
-from train.tracking import configure_wandb, run_name
 
 StageName = Literal["sft", "dpo"]
 PROBE_ROWS = 2
