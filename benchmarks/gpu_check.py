@@ -59,7 +59,7 @@ from typing import Any
 import torch
 from datasets import Dataset
 from hermes_pipeline.train.data import COLUMNS
-from hermes_pipeline.train.model import load_model, starting_point
+from hermes_pipeline.train.model import starting_point
 from hermes_pipeline.train.stage import build_trainer, training_args
 from train_throughput import dpo_pairs, prepare, quiet, sft_rows
 from transformers import AutoTokenizer, TrainerCallback
@@ -67,6 +67,7 @@ from transformers.utils import is_flash_attn_2_available
 
 from hermes_pipeline.chat_format.tokens import save_tokenizer
 from hermes_pipeline.memory import GIB
+from hermes_pipeline.models import load_model
 from hermes_pipeline.plan import build_plan
 from hermes_pipeline.recipe.loader import load_recipe
 from hermes_pipeline.recipe.schema import Recipe

@@ -44,12 +44,12 @@ from typing import Any, TypeVar
 
 import psutil
 import yaml
-from hermes_pipeline.data_prep.readers import iter_records
-from hermes_pipeline.data_prep.rows import Reject
 from hermes_pipeline.data_prep.sources import convert, row_id
 from hermes_pipeline.data_prep.tokenize import render_sft, tokenize_rendered
 
+from hermes_pipeline.readers import iter_records
 from hermes_pipeline.recipe.schema import DataSource
+from hermes_pipeline.rows import Reject
 
 ROOT = Path(__file__).resolve().parents[1]
 BATCH = 256  # rows per tokenizer call, as the pipeline's workers do (data_prep.pipeline.BATCH_ROWS)

@@ -26,8 +26,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from hermes_pipeline.data_prep import sources
 from hermes_pipeline.data_prep.mixture import Decontaminator, dedup_key, eval_prompts, unit_interval
-from hermes_pipeline.data_prep.readers import Record, iter_records
-from hermes_pipeline.data_prep.rows import Reject
 from hermes_pipeline.data_prep.tokenize import (
     IGNORE_INDEX,
     render_dpo,
@@ -39,8 +37,10 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from hermes_pipeline.chat_format.tokens import prepare_tokenizer, save_tokenizer
 from hermes_pipeline.errors import UserError
+from hermes_pipeline.readers import Record, iter_records
 from hermes_pipeline.recipe.loader import check_prep_paths, recipe_hash
 from hermes_pipeline.recipe.schema import DataSource, Recipe
+from hermes_pipeline.rows import Reject
 from hermes_pipeline.rundir import (
     file_fingerprint,
     stage_dir,

@@ -16,15 +16,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from hermes_pipeline.data_prep.rows import (
-    FORBIDDEN_IN_CONTENT,
-    ROLES,
-    Reject,
-    check_dpo_row,
-    check_messages,
-    check_sft_row,
-    message,
-)
 from jsonschema.exceptions import SchemaError
 from jsonschema.validators import Draft202012Validator, validator_for
 from PIL import Image
@@ -39,6 +30,15 @@ from hermes_pipeline.chat_format.tool_calls import (
 )
 from hermes_pipeline.errors import UserError
 from hermes_pipeline.recipe.schema import DPO_SOURCE_KINDS, DataSource, SourceFilters
+from hermes_pipeline.rows import (
+    FORBIDDEN_IN_CONTENT,
+    ROLES,
+    Reject,
+    check_dpo_row,
+    check_messages,
+    check_sft_row,
+    message,
+)
 
 Row = dict[str, Any]
 

@@ -12,13 +12,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from hermes_pipeline.data_prep.rows import Reject
 from jinja2 import TemplateError
 from transformers import PreTrainedTokenizerBase
 
 from hermes_pipeline.chat_format.templates import render
 from hermes_pipeline.chat_format.tokens import IM_END, IM_START
 from hermes_pipeline.chat_format.tool_calls import ToolCall, render_tool_calls
+from hermes_pipeline.rows import Reject
 
 IGNORE_INDEX = -100
 ASSISTANT_OPEN = f"{IM_START}assistant"

@@ -122,9 +122,9 @@ class LlamaCppBackend:
             raise UserError(f"model {gguf}: no such GGUF file")
         self.llm = Llama(model_path=str(gguf), n_ctx=n_ctx, seed=sampling.seed, verbose=False)
         self.sampling = sampling
-        from hermes_pipeline.merge.gguf_check import bos_text
+        from hermes_pipeline.models import gguf_bos_text
 
-        self.bos_text = bos_text(self.llm)
+        self.bos_text = gguf_bos_text(self.llm)
 
     def generate(self, prompts: list[Prompt]) -> list[str]:
         return [self._complete(prompt.text) for prompt in prompts]

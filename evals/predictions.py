@@ -29,8 +29,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO, Any, Literal
 
-from hermes_pipeline.data_prep.readers import Record, iter_records
-from hermes_pipeline.data_prep.rows import Reject, check_dpo_row, message
 from hermes_pipeline.evals.scoring import (
     EvalRowError,
     Verdict,
@@ -45,6 +43,8 @@ from hermes_pipeline.evals.scoring import (
 
 from hermes_pipeline.chat_format.tool_calls import render_tool_calls
 from hermes_pipeline.errors import UserError
+from hermes_pipeline.readers import Record, iter_records
+from hermes_pipeline.rows import Reject, check_dpo_row, message
 
 Kind = Literal["function_calling", "json_mode"]
 KINDS: tuple[Kind, ...] = ("function_calling", "json_mode")

@@ -25,7 +25,7 @@ from transformers import (
 )
 from transformers.convert_slow_tokenizer import SentencePieceExtractor
 
-from hermes_pipeline.chat_format.tokens import IM_END
+from hermes_pipeline.chat_format.tokens import IM_END, padded_rows
 
 Arch = Literal["mistral", "llama"]
 
@@ -79,7 +79,7 @@ def tiny_model_config(
     config_class, architecture = _CONFIG_CLASSES[arch]
     fields: dict[str, object] = {
         "architectures": [architecture],
-        "vocab_size": _round_up(len(tokenizer), EMBEDDING_MULTIPLE),
+        "vocab_size": padded_rows(len(tokenizer), EMBEDDING_MULTIPLE),
         "hidden_size": 256,
         "intermediate_size": 768,
         "num_hidden_layers": 2,
@@ -110,7 +110,3 @@ def build_tiny_model(
     model.generation_config.eos_token_id = config.eos_token_id
     model.generation_config.pad_token_id = config.pad_token_id
     return model
-
-
-def _round_up(value: int, multiple: int) -> int:
-    return -(-value // multiple) * multiple

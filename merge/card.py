@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -24,7 +23,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from hermes_pipeline.errors import UserError
 from hermes_pipeline.recipe.checks import training_stages
-from hermes_pipeline.recipe.schema import Recipe
+from hermes_pipeline.recipe.schema import HUB_ID, Recipe
 from hermes_pipeline.rundir import MANIFEST, file_fingerprint, run_dir, stage_dir
 from hermes_pipeline.stages import recipe_stages, run_stage, without_resources
 
@@ -32,7 +31,6 @@ CURVES = "curves"
 CARD = "README.md"
 # What the card stage publishes into the packaged model's folder; package's manifest leaves these out.
 PUBLISHED = (CARD, CURVES)
-HUB_ID = r"^[\w.-]+/[\w.-]+$"
 
 
 def run_card(recipe: Recipe, force: bool = False, log: Callable[[str], None] = print) -> Path:
@@ -97,10 +95,10 @@ def _front_matter(recipe: Recipe) -> str:
     bases = [m.model for m in recipe.merge.models.models] if recipe.merge.models else []
     if recipe.model.init == "pretrained":
         bases.insert(0, recipe.model.name_or_path)
-    hub_bases = list(dict.fromkeys(b for b in bases if re.match(HUB_ID, str(b))))
+    hub_bases = list(dict.fromkeys(b for b in bases if HUB_ID.fullmatch(str(b))))
     if hub_bases:
         meta["base_model"] = hub_bases if len(hub_bases) > 1 else hub_bases[0]
-    datasets = [s.path for s in recipe.data.sources if re.match(HUB_ID, str(s.path))]
+    datasets = [s.path for s in recipe.data.sources if HUB_ID.fullmatch(str(s.path))]
     if datasets:
         meta["datasets"] = list(dict.fromkeys(datasets))
     meta["license"] = recipe.package.license

@@ -20,6 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 
 from hermes_pipeline.chat_format.tokens import IM_END
 from hermes_pipeline.errors import UserError
+from hermes_pipeline.models import gguf_bos_text
 
 # f16 logits may differ from the Hugging Face model's by this much relative to the largest logit
 # (half-precision weights and a different kernel order).
@@ -250,12 +251,7 @@ def reply(llm: Any, prompt: str) -> tuple[str, bool]:
     limit). llama.cpp puts BOS in front of the prompt itself, so the template's own BOS is taken off."""
     llm.reset()
     result = llm.create_completion(
-        prompt.removeprefix(bos_text(llm)), max_tokens=REPLY_TOKENS, temperature=0.0
+        prompt.removeprefix(gguf_bos_text(llm)), max_tokens=REPLY_TOKENS, temperature=0.0
     )
     choice = result["choices"][0]
     return choice["text"], choice["finish_reason"] == "stop" and IM_END not in choice["text"]
-
-
-def bos_text(llm: Any) -> str:
-    """BOS as text: llama.cpp adds it to every prompt itself, so a template's own BOS must come off."""
-    return llm.detokenize([llm.token_bos()], special=True).decode()

@@ -18,14 +18,14 @@ from pathlib import Path
 import torch
 from hermes_pipeline.merge.probes import max_difference, probe_ids, probe_logits
 from hermes_pipeline.merge.shards import iter_tensors, model_bytes, tensor_names, write_shards
-from hermes_pipeline.train.model import ADAPTER_BASE, is_adapter
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from hermes_pipeline.chat_format.tokens import padded_rows
 from hermes_pipeline.errors import UserError
+from hermes_pipeline.models import ADAPTER_BASE, ADAPTER_CONFIG, is_adapter
 from hermes_pipeline.recipe.schema import Recipe
 
-ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
 # Merged logits must equal the PEFT model's this closely, by the base's dtype.
@@ -216,7 +216,7 @@ def target_rows(
             return rows
     if tokenizer_size <= base_rows:
         return base_rows
-    return -(-tokenizer_size // multiple) * multiple
+    return padded_rows(tokenizer_size, multiple)
 
 
 def merged_tensors(
@@ -279,8 +279,9 @@ def peft_model(
     base: str, chain: list[Path], pad_to_multiple_of: int = 64, dequantize: bool = False
 ) -> PreTrainedModel:
     """The reference: what training had in memory, built by peft itself from the same files."""
-    from hermes_pipeline.train.model import fit_embeddings
     from peft import PeftModel
+
+    from hermes_pipeline.models import fit_embeddings
 
     model = AutoModelForCausalLM.from_pretrained(local_model_dir(base), dtype="auto")
     if dequantize:
@@ -352,8 +353,8 @@ def write_merged_model(
 def run_merge_lora(recipe: Recipe) -> Path:
     """The recipe form: the last training stage's adapter, merged into runs/<name>/<stage>/merged."""
     from hermes_pipeline.merge.shards import parse_size
-    from hermes_pipeline.train.model import MODEL_SUBDIR
 
+    from hermes_pipeline.models import MODEL_SUBDIR
     from hermes_pipeline.recipe.checks import training_stages
     from hermes_pipeline.rundir import stage_dir
 

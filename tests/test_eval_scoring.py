@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hermes_pipeline.data_prep.readers import iter_records
 from hermes_pipeline.data_prep.sources import convert, row_id
 from hermes_pipeline.evals.predictions import format_results, score_predictions
 from hermes_pipeline.evals.scoring import (
@@ -29,6 +28,7 @@ from hermes_pipeline.evals.scoring import (
 from hermes_pipeline.chat_format.templates import render
 from hermes_pipeline.chat_format.tool_calls import ToolCall, parse_tool_calls, render_tool_calls
 from hermes_pipeline.errors import UserError
+from hermes_pipeline.readers import iter_records
 from hermes_pipeline.recipe.schema import DataSource
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -9,7 +9,6 @@ import pyarrow.parquet as pq
 import pytest
 from hermes_pipeline.data_prep import sources
 from hermes_pipeline.data_prep.pipeline import run_prep
-from hermes_pipeline.data_prep.readers import iter_records
 from hermes_pipeline.data_prep.tokenize import IGNORE_INDEX, VICUNA_SYSTEM
 from prep_support import FIXTURES, ROOT, TEXT_SOURCES, prep, rows, write_recipe
 from transformers import AutoTokenizer
@@ -18,6 +17,7 @@ from hermes_pipeline.chat_format.templates import render
 from hermes_pipeline.chat_format.tokens import IM_END
 from hermes_pipeline.chat_format.tool_calls import ToolCall, render_tool_calls
 from hermes_pipeline.cli import main
+from hermes_pipeline.readers import iter_records
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,9 @@ from typing import Any
 
 import pyarrow.parquet as pq
 import pytest
-from hermes_pipeline.data_prep.readers import iter_records
 from prep_support import FIXTURES, ROOT, TEXT_SOURCES, prep, write_recipe
+
+from hermes_pipeline.readers import iter_records
 
 MUTATIONS_PER_SOURCE = 150  # 8 sources, so 1,200 mutated rows
 HUGE = "x" * 40_000

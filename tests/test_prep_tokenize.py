@@ -4,8 +4,6 @@ import functools
 
 import pytest
 from hermes_pipeline.data_prep import sources
-from hermes_pipeline.data_prep.readers import iter_records
-from hermes_pipeline.data_prep.rows import Reject
 from hermes_pipeline.data_prep.tokenize import (
     IGNORE_INDEX,
     VICUNA_SYSTEM,
@@ -21,7 +19,9 @@ from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from hermes_pipeline.chat_format.templates import render
 from hermes_pipeline.chat_format.tokens import prepare_tokenizer
+from hermes_pipeline.readers import iter_records
 from hermes_pipeline.recipe.schema import DataSource
+from hermes_pipeline.rows import Reject
 from hermes_pipeline.tiny import load_tiny_tokenizer
 
 TOKENIZER = load_tiny_tokenizer()

@@ -6,7 +6,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hermes_pipeline.data_prep.readers import (
+
+from hermes_pipeline.errors import UserError
+from hermes_pipeline.readers import (
     INVALID_UTF8,
     NOT_AN_OBJECT,
     TRUNCATED,
@@ -14,8 +16,6 @@ from hermes_pipeline.data_prep.readers import (
     iter_json_array,
     iter_records,
 )
-
-from hermes_pipeline.errors import UserError
 
 CHUNK_SIZES = [7, 64, 4096]
 # Escapes, multi-byte characters (2, 3 and 4 bytes) and brackets inside strings: what a chunk boundary

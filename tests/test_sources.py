@@ -11,15 +11,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hermes_pipeline.data_prep.readers import iter_records
-from hermes_pipeline.data_prep.rows import Reject, check_dpo_row, check_sft_row
 from hermes_pipeline.data_prep.sources import CONVERTERS, convert, row_id
 from PIL import Image
 
 from hermes_pipeline.chat_format.templates import render
 from hermes_pipeline.chat_format.tool_calls import ToolCall, parse_tool_calls
 from hermes_pipeline.errors import UserError
+from hermes_pipeline.readers import iter_records
 from hermes_pipeline.recipe.schema import DPO_SOURCE_KINDS, SFT_SOURCE_KINDS, DataSource, SourceFilters
+from hermes_pipeline.rows import Reject, check_dpo_row, check_sft_row
 
 FIXTURES = Path(__file__).parent / "fixtures" / "sources"
 IMAGES = FIXTURES / "images"

@@ -8,6 +8,7 @@ here until a declaration says who reads it.
 
 from __future__ import annotations
 
+import ast
 import types
 import typing
 from typing import Any
@@ -134,3 +135,19 @@ def _rerun(dumped: dict[str, Any], key: str) -> set[str]:
 )
 def test_what_a_change_re_runs(dumped: dict[str, Any], key: str, expected: set[str]) -> None:
     assert _rerun(dumped, key) == expected
+
+
+STAGE_PACKAGES = ("data_prep", "train", "merge", "evals", "slurm")
+
+
+@pytest.mark.parametrize("package", STAGE_PACKAGES)
+def test_a_stage_package_imports_the_core_never_another_stage(package: str) -> None:
+    """What two stages share lives in the core (hermes_pipeline), so stages stay independent."""
+    others = {f"hermes_pipeline.{other}" for other in STAGE_PACKAGES if other != package}
+    found = []
+    for path in sorted((ROOT / package).glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            module = node.module if isinstance(node, ast.ImportFrom) else None
+            names = [alias.name for alias in node.names] if isinstance(node, ast.Import) else [module or ""]
+            found += [f"{path.name}: {name}" for name in names if any(name.startswith(o) for o in others)]
+    assert found == []

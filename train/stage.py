@@ -21,17 +21,7 @@ from hermes_pipeline.train.callbacks import MetricsLog, SealCheckpoints, StopOnS
 from hermes_pipeline.train.checkpoints import checkpoint_step, checkpoints, latest_complete, remove_incomplete
 from hermes_pipeline.train.data import load_split
 from hermes_pipeline.train.launch import barrier, launched
-from hermes_pipeline.train.model import (
-    MODEL_SUBDIR,
-    is_adapter,
-    load_model,
-    load_trained,
-    lora_config,
-    record_adapter_base,
-    starting_point,
-    upstream_manifest,
-    whole_weights,
-)
+from hermes_pipeline.train.model import lora_config, record_adapter_base, starting_point, upstream_manifest
 from hermes_pipeline.train.plots import write_plots
 from hermes_pipeline.train.tracking import configure_wandb, run_name
 from transformers import AutoTokenizer
@@ -39,6 +29,7 @@ from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
 from hermes_pipeline.chat_format.tokens import save_tokenizer
 from hermes_pipeline.errors import StageInterrupted, UserError
+from hermes_pipeline.models import MODEL_SUBDIR, is_adapter, load_model, load_trained, whole_weights
 from hermes_pipeline.recipe.schema import DpoStage, Recipe, SftStage, TrainStage
 from hermes_pipeline.rundir import (
     MANIFEST,

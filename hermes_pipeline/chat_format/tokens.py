@@ -47,8 +47,14 @@ def prepare_tokenizer(
     tokenizer.eos_token = IM_END
     tokenizer.pad_token = _choose_pad(tokenizer, old_eos)
     install_templates(tokenizer)
-    target_rows = -(-len(tokenizer) // pad_to_multiple_of) * pad_to_multiple_of
+    target_rows = padded_rows(len(tokenizer), pad_to_multiple_of)
     return max(0, target_rows - rows_before)
+
+
+def padded_rows(tokens: int, multiple: int) -> int:
+    """Embedding rows for ``tokens`` tokens, rounded up to ``multiple`` (fast matmuls want round shapes):
+    the one rule by which tokenizer preparation, training, merging and the tiny models size embeddings."""
+    return -(-tokens // multiple) * multiple
 
 
 def _added(token: str, special: bool) -> AddedToken:
