@@ -96,7 +96,7 @@ def test_tiny_recipe_runs_end_to_end_as_chained_jobs(slurm_cluster: LocalCluster
         "merge.resources={nodes: 1, gpus_per_node: 0, cpus_per_task: 2, time: '00:30:00'}",
     ]
     stages = recipe_stages(load_recipe(recipe, overrides), str(recipe), overrides)
-    assert {stage.kind for stage in stages} == {"prep", "sft", "dpo", "package", "export", "eval"}
+    assert {stage.kind for stage in stages} == {"prep", "sft", "dpo", "package", "export", "eval", "card"}
     set_arguments = [arg for override in overrides for arg in ("--set", override)]
     jobs = _submit(str(recipe), *set_arguments, cwd=tmp_path)
     assert list(jobs) == [stage.name for stage in stages]
@@ -107,6 +107,7 @@ def test_tiny_recipe_runs_end_to_end_as_chained_jobs(slurm_cluster: LocalCluster
     for record in records:
         assert (Path(record["folder"]) / "MANIFEST.json").is_file(), record["name"]
     assert (run / "final" / "config.json").is_file()
+    assert "| dpo | function_calling |" in (run / "final" / "README.md").read_text()  # the card saw the evals
     assert list((run / "gguf").rglob("*.gguf"))
     status = cli("slurm", "status", str(run), cwd=tmp_path).stdout
     assert "every stage is complete" in status and "failed" not in status
