@@ -43,7 +43,8 @@ format: $(INSTALLED)
 # scripts/gather_gpu_wheels.py packed (carry build/gpu_wheels.tar.xz along), all of them and nothing else
 # (--no-deps: the gathering already resolved what is missing; `pip check` then names any version the
 # machine's own packages do not satisfy, without stopping), into a venv on top of the machine's Python; then
-# the check, with PYTHONPATH making the working tree's code the one measured, not the wheel's copy of it.
+# the check. The project itself is measured as the archive's wheel of it, built from this tree when the
+# archive was gathered (the stage folders only import as hermes_pipeline.* once installed).
 GPU_WHEELS ?= build/gpu_wheels
 GPU_VENV ?= build/venv-gpu
 gpu-check:
@@ -51,7 +52,7 @@ gpu-check:
 	$(PYTHON) -m venv --system-site-packages $(GPU_VENV)
 	$(GPU_VENV)/bin/python -m pip install --quiet --no-index --no-deps $(GPU_WHEELS)/*.whl
 	-$(GPU_VENV)/bin/python -m pip check
-	PYTHONPATH=$(CURDIR) $(GPU_VENV)/bin/python benchmarks/gpu_check.py --out runs/gpu_check
+	$(GPU_VENV)/bin/python benchmarks/gpu_check.py --out runs/gpu_check
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

@@ -2,8 +2,8 @@
 packed loss, in a single call of a few minutes.
 
 Why: GPU time comes in short lent slots, so everything the pipeline claims about training on a GPU is
-measured in one run, through the code a stage runs (train/model.py builds the model, train/data.py opens
-prep's shards, train/stage.py configures TRL's trainers), and written down as JSON. A part that cannot run
+measured in one run, through the code a stage runs (hermes_pipeline/models.py builds the model, train/data.py
+opens prep's shards, train/stage.py configures TRL's trainers), and written down as JSON. A part that cannot run
 here is recorded as skipped with its reason, a part that breaks as failed with its error, and no figure that
 was not measured is printed.
 
@@ -58,9 +58,6 @@ from typing import Any
 
 import torch
 from datasets import Dataset
-from hermes_pipeline.train.data import COLUMNS
-from hermes_pipeline.train.model import starting_point
-from hermes_pipeline.train.stage import build_trainer, training_args
 from train_throughput import dpo_pairs, prepare, quiet, sft_rows
 from transformers import AutoTokenizer, TrainerCallback
 from transformers.utils import is_flash_attn_2_available
@@ -73,6 +70,9 @@ from hermes_pipeline.recipe.loader import load_recipe
 from hermes_pipeline.recipe.schema import Recipe
 from hermes_pipeline.rundir import stage_dir
 from hermes_pipeline.tiny import load_tiny_tokenizer
+from hermes_pipeline.train.data import COLUMNS
+from hermes_pipeline.train.model import starting_point
+from hermes_pipeline.train.stage import build_trainer, training_args
 
 ROOT = Path(__file__).resolve().parents[1]
 # The base every run's recipe overrides: its data sources are never read (the shards are written here).

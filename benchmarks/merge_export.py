@@ -78,10 +78,10 @@ def measured(work: Callable[[], None]) -> dict[str, float]:
 def build_inputs(folder: Path, hidden: int, layers: int, shard_size: str) -> None:
     """Two models and an adapter, written tensor by tensor (this process never holds a whole model)."""
     import torch
-    from hermes_pipeline.merge.shards import parse_size, write_shards
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     from hermes_pipeline.chat_format.tokens import save_tokenizer
+    from hermes_pipeline.merge.shards import parse_size, write_shards
     from hermes_pipeline.tiny import load_tiny_tokenizer
 
     tokenizer = load_tiny_tokenizer()
@@ -123,8 +123,9 @@ def build_inputs(folder: Path, hidden: int, layers: int, shard_size: str) -> Non
 
 def write_adapter(folder: Path, shapes: dict, base: Path) -> None:
     import torch
-    from hermes_pipeline.train.model import record_adapter_base
     from safetensors.torch import save_file
+
+    from hermes_pipeline.train.model import record_adapter_base
 
     folder.mkdir()
     generator = torch.Generator().manual_seed(3)
@@ -161,6 +162,7 @@ def write_adapter(folder: Path, shapes: dict, base: Path) -> None:
 def run_case(case: str, folder: Path, shard_size: str) -> dict[str, float]:
     """One measurement, in this (fresh) process."""
     import torch
+
     from hermes_pipeline.merge.shards import parse_size
 
     torch.set_num_threads(os.cpu_count() or 1)
@@ -185,7 +187,6 @@ def run_case(case: str, folder: Path, shard_size: str) -> dict[str, float]:
         return measured(peft_merge)
     if case == "slerp":
         from hermes_pipeline.merge.models import merge_models
-
         from hermes_pipeline.recipe.schema import ModelMerge
 
         spec = ModelMerge.model_validate(

@@ -44,9 +44,9 @@ from typing import Any, TypeVar
 
 import psutil
 import yaml
+
 from hermes_pipeline.data_prep.sources import convert, row_id
 from hermes_pipeline.data_prep.tokenize import render_sft, tokenize_rendered
-
 from hermes_pipeline.readers import iter_records
 from hermes_pipeline.recipe.schema import DataSource
 from hermes_pipeline.rows import Reject
@@ -571,7 +571,6 @@ def write_memory_recipe(folder: Path, data_file: Path) -> Path:
 def memory_child(recipe_path: Path, result_path: Path) -> None:
     """Run in a fresh process: run_prep under the poller, then this process's own figures as JSON."""
     from hermes_pipeline.data_prep.pipeline import run_prep
-
     from hermes_pipeline.recipe.loader import load_recipe
 
     recipe = load_recipe(recipe_path)

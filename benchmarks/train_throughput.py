@@ -443,10 +443,10 @@ def run_dpo(
     batch per turn alongside both trainers' steps. The pass made while building is timed too, on its own.
     """
     from datasets import Dataset
-    from hermes_pipeline.train.stage import HermesDPOTrainer
     from trl import DPOConfig
 
     from hermes_pipeline.tiny import build_tiny_model, load_tiny_tokenizer
+    from hermes_pipeline.train.stage import HermesDPOTrainer
 
     steps = len(pairs) // micro_batch
     dataset = Dataset.from_list(pairs)

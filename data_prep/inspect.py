@@ -5,8 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pyarrow.parquet as pq
-from hermes_pipeline.data_prep.tokenize import IGNORE_INDEX
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from hermes_pipeline.data_prep.tokenize import IGNORE_INDEX
 
 OPEN, CLOSE = "\x1b[42m\x1b[30m", "\x1b[0m"
 PLAIN_OPEN, PLAIN_CLOSE = "«", "»"

@@ -24,6 +24,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from hermes_pipeline.chat_format.tokens import prepare_tokenizer, save_tokenizer
 from hermes_pipeline.data_prep import sources
 from hermes_pipeline.data_prep.mixture import Decontaminator, dedup_key, eval_prompts, unit_interval
 from hermes_pipeline.data_prep.tokenize import (
@@ -33,9 +36,6 @@ from hermes_pipeline.data_prep.tokenize import (
     tokenize_dpo,
     tokenize_rendered,
 )
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
-
-from hermes_pipeline.chat_format.tokens import prepare_tokenizer, save_tokenizer
 from hermes_pipeline.errors import UserError
 from hermes_pipeline.readers import Record, iter_records
 from hermes_pipeline.recipe.loader import check_prep_paths, recipe_hash

@@ -11,14 +11,14 @@ import json
 from pathlib import Path
 from typing import Any
 
-from hermes_pipeline.evals.backends import Backend, Prompt
-from hermes_pipeline.evals.predictions import Kind, score_predictions
-from hermes_pipeline.evals.scoring import EvalRowError, load_tools
 from jinja2 import TemplateError
 
 from hermes_pipeline.chat_format.prompts import function_calling_system_prompt
 from hermes_pipeline.chat_format.templates import render
 from hermes_pipeline.errors import UserError
+from hermes_pipeline.evals.backends import Backend, Prompt
+from hermes_pipeline.evals.predictions import Kind, score_predictions
+from hermes_pipeline.evals.scoring import EvalRowError, load_tools
 from hermes_pipeline.readers import iter_records
 from hermes_pipeline.recipe.schema import DATA_FILE_SUFFIXES
 

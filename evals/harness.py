@@ -22,9 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hermes_pipeline.evals.scoring import Z_95
-
 from hermes_pipeline.errors import UserError
+from hermes_pipeline.evals.scoring import Z_95
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO, Any, Literal
 
+from hermes_pipeline.chat_format.tool_calls import render_tool_calls
+from hermes_pipeline.errors import UserError
 from hermes_pipeline.evals.scoring import (
     EvalRowError,
     Verdict,
@@ -40,9 +42,6 @@ from hermes_pipeline.evals.scoring import (
     score_function_calling,
     score_json_mode,
 )
-
-from hermes_pipeline.chat_format.tool_calls import render_tool_calls
-from hermes_pipeline.errors import UserError
 from hermes_pipeline.readers import Record, iter_records
 from hermes_pipeline.rows import Reject, check_dpo_row, message
 

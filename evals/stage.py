@@ -23,6 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from hermes_pipeline.errors import UserError
 from hermes_pipeline.evals.backends import (
     Backend,
     LlamaCppBackend,
@@ -33,8 +34,6 @@ from hermes_pipeline.evals.backends import (
 from hermes_pipeline.evals.generate import eval_set_name, evaluate
 from hermes_pipeline.evals.harness import SUITES, run_suites
 from hermes_pipeline.evals.scoring import wilson_interval
-
-from hermes_pipeline.errors import UserError
 from hermes_pipeline.models import MODEL_SUBDIR, load_model, load_trained
 from hermes_pipeline.recipe.schema import Recipe, SftStage
 from hermes_pipeline.rundir import (

@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from hermes_pipeline.merge.probes import CONVERSATIONS
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from hermes_pipeline.errors import UserError
+from hermes_pipeline.merge.probes import CONVERSATIONS
 from hermes_pipeline.recipe.checks import training_stages
 from hermes_pipeline.recipe.schema import HUB_ID, Recipe
 from hermes_pipeline.rundir import MANIFEST, file_fingerprint, run_dir, stage_dir

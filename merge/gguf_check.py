@@ -14,12 +14,12 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import torch
-from hermes_pipeline.merge.probes import CONVERSATIONS, probe_ids, probe_logits, probe_texts
-from hermes_pipeline.merge.server_check import check_served
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from hermes_pipeline.chat_format.tokens import IM_END
 from hermes_pipeline.errors import UserError
+from hermes_pipeline.merge.probes import CONVERSATIONS, probe_ids, probe_logits, probe_texts
+from hermes_pipeline.merge.server_check import check_served
 from hermes_pipeline.models import gguf_bos_text
 
 # f16 logits may differ from the Hugging Face model's by this much relative to the largest logit

@@ -16,13 +16,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from hermes_pipeline.merge.probes import max_difference, probe_ids, probe_logits
-from hermes_pipeline.merge.shards import iter_tensors, model_bytes, tensor_names, write_shards
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from hermes_pipeline.chat_format.tokens import padded_rows
 from hermes_pipeline.errors import UserError
+from hermes_pipeline.merge.probes import max_difference, probe_ids, probe_logits
+from hermes_pipeline.merge.shards import iter_tensors, model_bytes, tensor_names, write_shards
 from hermes_pipeline.models import ADAPTER_BASE, ADAPTER_CONFIG, is_adapter
 from hermes_pipeline.recipe.schema import Recipe
 
@@ -334,9 +334,8 @@ def write_merged_model(
 ) -> float:
     """A complete merged model folder (weights, config, tokenizer, generation config), verified before it
     is renamed into place. Returns the largest logit difference from the PEFT model."""
-    from hermes_pipeline.merge.shards import check_free_space
-
     from hermes_pipeline.chat_format.tokens import save_tokenizer
+    from hermes_pipeline.merge.shards import check_free_space
     from hermes_pipeline.rundir import staged_output
 
     check_free_space(out_dir.parent, int(1.1 * merged_size(base)))
@@ -353,7 +352,6 @@ def write_merged_model(
 def run_merge_lora(recipe: Recipe) -> Path:
     """The recipe form: the last training stage's adapter, merged into runs/<name>/<stage>/merged."""
     from hermes_pipeline.merge.shards import parse_size
-
     from hermes_pipeline.models import MODEL_SUBDIR
     from hermes_pipeline.recipe.checks import training_stages
     from hermes_pipeline.rundir import stage_dir

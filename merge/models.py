@@ -11,12 +11,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from hermes_pipeline.merge.shards import parse_size
 from transformers import AutoTokenizer
 
 from hermes_pipeline.chat_format.templates import install_templates
 from hermes_pipeline.chat_format.tokens import CHAT_TOKENS, save_tokenizer
 from hermes_pipeline.errors import UserError
+from hermes_pipeline.merge.shards import parse_size
 from hermes_pipeline.models import MODEL_SUBDIR
 from hermes_pipeline.recipe.schema import ModelMerge, Recipe
 from hermes_pipeline.rundir import stage_dir

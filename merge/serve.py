@@ -12,10 +12,9 @@ from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
+from hermes_pipeline.errors import UserError
 from hermes_pipeline.merge.llama_server import LOG_CHAT_FORMAT, LOOPBACK, running_server
 from hermes_pipeline.merge.server_check import ServerReport, check_props, check_tool_calls
-
-from hermes_pipeline.errors import UserError
 
 # The file served from a folder when --type is not given: near-lossless first, then the reference.
 PREFERRED_TYPES = ("Q8_0", "f16", "bf16", "f32")

@@ -13,11 +13,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hermes_pipeline.merge.llama_server import LOG_CHAT_FORMAT, LlamaServer, ServerError, running_server
-from hermes_pipeline.merge.probes import CONVERSATIONS, SERVED_CONVERSATIONS, UNITS_TOOL, WEATHER_TOOL
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
 from hermes_pipeline.chat_format.tokens import IM_END, IM_START
+from hermes_pipeline.merge.llama_server import LOG_CHAT_FORMAT, LlamaServer, ServerError, running_server
+from hermes_pipeline.merge.probes import CONVERSATIONS, SERVED_CONVERSATIONS, UNITS_TOOL, WEATHER_TOOL
 
 REPLY_TOKENS = 128
 VERIFY_SERVER_ARGS = ("--threads", "2", "--parallel", "1", *LOG_CHAT_FORMAT)

@@ -26,13 +26,13 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, TypeVar
 
-from hermes_pipeline.data_prep.mixture import Decontaminator
-from hermes_pipeline.data_prep.sources import convert
 from transformers import PreTrainedTokenizerBase
 
 from hermes_pipeline.chat_format.prompts import json_mode_system_prompt
 from hermes_pipeline.chat_format.templates import render
 from hermes_pipeline.chat_format.tool_calls import parse_tool_calls
+from hermes_pipeline.data_prep.mixture import Decontaminator
+from hermes_pipeline.data_prep.sources import convert
 from hermes_pipeline.recipe.schema import DataSource, Decontamination
 from hermes_pipeline.tiny import load_tiny_tokenizer
 

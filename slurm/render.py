@@ -25,7 +25,6 @@ from hermes_pipeline.errors import StageInterrupted, UserError
 
 if TYPE_CHECKING:  # `slurm status` imports this module and needs no recipe machinery (which loads torch)
     from hermes_pipeline.slurm.site import SiteConfig
-
     from hermes_pipeline.stages import Stage
 
 TRAINING_KINDS = ("sft", "dpo")

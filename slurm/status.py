@@ -13,10 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hermes_pipeline.slurm.render import RunFiles
-
 from hermes_pipeline.errors import UserError
 from hermes_pipeline.rundir import MANIFEST
+from hermes_pipeline.slurm.render import RunFiles
 
 ACTIVE_STATES = frozenset(
     {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED", "REQUEUED", "REQUEUE_HOLD",

@@ -23,15 +23,14 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from hermes_pipeline.slurm.render import JobOptions, RunFiles, render_script
-from hermes_pipeline.slurm.site import load_site_config, site_config_path
-from hermes_pipeline.slurm.status import active_jobs, read_jobs
-
 from hermes_pipeline.errors import UserError
 from hermes_pipeline.recipe.checks import training_stages
 from hermes_pipeline.recipe.loader import load_recipe, recipe_hash
 from hermes_pipeline.recipe.schema import SLURM_TIME, Recipe
 from hermes_pipeline.rundir import MANIFEST, run_dir
+from hermes_pipeline.slurm.render import JobOptions, RunFiles, render_script
+from hermes_pipeline.slurm.site import load_site_config, site_config_path
+from hermes_pipeline.slurm.status import active_jobs, read_jobs
 from hermes_pipeline.stages import STAGE_KINDS, Stage, recipe_stages
 
 # What --stages accepts: the stage kinds, with "merge" also meaning the packaging that merges LoRA adapters.

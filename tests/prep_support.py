@@ -6,8 +6,8 @@ from typing import Any
 
 import pyarrow.parquet as pq
 import yaml
-from hermes_pipeline.data_prep.pipeline import run_prep
 
+from hermes_pipeline.data_prep.pipeline import run_prep
 from hermes_pipeline.recipe.loader import load_recipe
 from hermes_pipeline.recipe.schema import DPO_SOURCE_KINDS, Recipe
 

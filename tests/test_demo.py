@@ -6,9 +6,10 @@ import json
 from pathlib import Path
 
 import pytest
+from train_support import ROOT, cli
+
 from hermes_pipeline.merge.llama_server import free_port
 from hermes_pipeline.merge.serve import serve
-from train_support import ROOT, cli
 
 pytestmark = pytest.mark.slow
 

@@ -12,6 +12,11 @@ from typing import Any
 
 import pytest
 import torch
+
+from hermes_pipeline.chat_format.templates import render
+from hermes_pipeline.chat_format.tokens import IM_END, save_tokenizer
+from hermes_pipeline.chat_format.tool_calls import render_tool_calls
+from hermes_pipeline.errors import UserError
 from hermes_pipeline.evals.backends import (
     LlamaCppBackend,
     OpenAIBackend,
@@ -21,11 +26,6 @@ from hermes_pipeline.evals.backends import (
 )
 from hermes_pipeline.evals.generate import eval_prompt, evaluate, load_eval_rows
 from hermes_pipeline.evals.scoring import expected_calls
-
-from hermes_pipeline.chat_format.templates import render
-from hermes_pipeline.chat_format.tokens import IM_END, save_tokenizer
-from hermes_pipeline.chat_format.tool_calls import render_tool_calls
-from hermes_pipeline.errors import UserError
 from hermes_pipeline.tiny import build_tiny_model, load_tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -10,11 +10,11 @@ from typing import Any
 
 import pytest
 import yaml
-from hermes_pipeline.evals.harness import SUITES, Suite, format_suite, run_suites, suite_result
 from train_support import cli
 
 from hermes_pipeline.chat_format.tokens import save_tokenizer
 from hermes_pipeline.errors import UserError
+from hermes_pipeline.evals.harness import SUITES, Suite, format_suite, run_suites, suite_result
 from hermes_pipeline.tiny import build_tiny_model, load_tiny_tokenizer
 
 HARNESS = Path(__file__).parent / "fixtures" / "evals" / "harness"

@@ -12,7 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from hermes_pipeline.chat_format.templates import render
+from hermes_pipeline.chat_format.tool_calls import ToolCall, parse_tool_calls, render_tool_calls
 from hermes_pipeline.data_prep.sources import convert, row_id
+from hermes_pipeline.errors import UserError
 from hermes_pipeline.evals.predictions import format_results, score_predictions
 from hermes_pipeline.evals.scoring import (
     Z_95,
@@ -24,10 +28,6 @@ from hermes_pipeline.evals.scoring import (
     score_json_mode,
     wilson_interval,
 )
-
-from hermes_pipeline.chat_format.templates import render
-from hermes_pipeline.chat_format.tool_calls import ToolCall, parse_tool_calls, render_tool_calls
-from hermes_pipeline.errors import UserError
 from hermes_pipeline.readers import iter_records
 from hermes_pipeline.recipe.schema import DataSource
 

@@ -10,11 +10,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from train_support import TINY, cli, prepared, small_recipe_dict, write_recipe
+
 from hermes_pipeline.data_prep.pipeline import run_prep
 from hermes_pipeline.evals.backends import Sampling, TransformersBackend
 from hermes_pipeline.evals.generate import eval_prompt, load_eval_rows
-from train_support import TINY, cli, prepared, small_recipe_dict, write_recipe
-
 from hermes_pipeline.models import load_model
 from hermes_pipeline.recipe.loader import load_recipe
 from hermes_pipeline.rundir import MANIFEST

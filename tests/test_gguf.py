@@ -10,6 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
+
+from hermes_pipeline.chat_format.tokens import IM_END, IM_START, prepare_tokenizer, save_tokenizer
+from hermes_pipeline.errors import UserError
 from hermes_pipeline.merge.gguf import export_gguf, file_name, is_llama3_tokenizer
 from hermes_pipeline.merge.gguf_check import GgufCheckFailed, load, read_metadata, reply
 from hermes_pipeline.merge.llama_server import free_port
@@ -17,11 +22,6 @@ from hermes_pipeline.merge.package import write_generation_settings
 from hermes_pipeline.merge.probes import SERVED_CONVERSATIONS, UNITS_TOOL, WEATHER_TOOL, probe_texts
 from hermes_pipeline.merge.serve import serve
 from hermes_pipeline.merge.server_check import FORCED_CALL_PREFIX, sampling_defaults
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
-
-from hermes_pipeline.chat_format.tokens import IM_END, IM_START, prepare_tokenizer, save_tokenizer
-from hermes_pipeline.errors import UserError
 from hermes_pipeline.recipe.schema import PackageSection
 from hermes_pipeline.tiny import build_tiny_model, load_tiny_tokenizer, tiny_model_config
 

@@ -7,6 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from peft import PeftModel, get_peft_model
+from train_support import cli
+from transformers import AutoModelForCausalLM
+
+from hermes_pipeline.chat_format.tokens import save_tokenizer
+from hermes_pipeline.errors import UserError
 from hermes_pipeline.merge.lora import (
     adapter_chain,
     four_bit_roundtrip,
@@ -15,16 +21,10 @@ from hermes_pipeline.merge.lora import (
     write_merged_model,
 )
 from hermes_pipeline.merge.shards import INDEX, shard_files
-from hermes_pipeline.train.model import chat_token_ids, lora_config, record_adapter_base
-from peft import PeftModel, get_peft_model
-from train_support import cli
-from transformers import AutoModelForCausalLM
-
-from hermes_pipeline.chat_format.tokens import save_tokenizer
-from hermes_pipeline.errors import UserError
 from hermes_pipeline.models import fit_embeddings
 from hermes_pipeline.recipe.schema import LoraSection, SftStage
 from hermes_pipeline.tiny import build_tiny_model, load_tiny_tokenizer
+from hermes_pipeline.train.model import chat_token_ids, lora_config, record_adapter_base
 
 BASE_ROWS = 1472  # fewer rows than the tokenizer needs: the training stage grew them to 1536
 

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from hermes_pipeline.merge.models import merge_models
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hermes_pipeline.chat_format.templates import hermes_templates
 from hermes_pipeline.chat_format.tokens import CHAT_TOKENS, save_tokenizer
+from hermes_pipeline.merge.models import merge_models
 from hermes_pipeline.recipe.schema import ModelMerge
 from hermes_pipeline.tiny import build_tiny_model, load_tiny_tokenizer
 

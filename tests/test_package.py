@@ -10,11 +10,6 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from hermes_pipeline.merge.card import run_card
-from hermes_pipeline.merge.package import check_packaged, run_package
-from hermes_pipeline.merge.probes import probe_ids, probe_logits
-from hermes_pipeline.merge.shards import INDEX, shard_files
-from hermes_pipeline.train.model import lora_config, record_adapter_base
 from peft import get_peft_model
 from train_support import small_recipe_dict, write_recipe
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -22,11 +17,16 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from hermes_pipeline.chat_format.templates import hermes_templates
 from hermes_pipeline.chat_format.tokens import IM_END, save_tokenizer
 from hermes_pipeline.errors import UserError
+from hermes_pipeline.merge.card import run_card
+from hermes_pipeline.merge.package import check_packaged, run_package
+from hermes_pipeline.merge.probes import probe_ids, probe_logits
+from hermes_pipeline.merge.shards import INDEX, shard_files
 from hermes_pipeline.recipe.loader import load_recipe
 from hermes_pipeline.recipe.schema import LoraSection, SftStage
 from hermes_pipeline.rundir import MANIFEST, file_fingerprint, is_complete, write_manifest
 from hermes_pipeline.stages import stage_fingerprint
 from hermes_pipeline.tiny import build_tiny_model, load_tiny_tokenizer
+from hermes_pipeline.train.model import lora_config, record_adapter_base
 
 
 def _recipe(tmp_path: Path, **changes: object):

@@ -7,9 +7,6 @@ from typing import Any
 
 import pyarrow.parquet as pq
 import pytest
-from hermes_pipeline.data_prep import sources
-from hermes_pipeline.data_prep.pipeline import run_prep
-from hermes_pipeline.data_prep.tokenize import IGNORE_INDEX, VICUNA_SYSTEM
 from prep_support import FIXTURES, ROOT, TEXT_SOURCES, prep, rows, write_recipe
 from transformers import AutoTokenizer
 
@@ -17,6 +14,9 @@ from hermes_pipeline.chat_format.templates import render
 from hermes_pipeline.chat_format.tokens import IM_END
 from hermes_pipeline.chat_format.tool_calls import ToolCall, render_tool_calls
 from hermes_pipeline.cli import main
+from hermes_pipeline.data_prep import sources
+from hermes_pipeline.data_prep.pipeline import run_prep
+from hermes_pipeline.data_prep.tokenize import IGNORE_INDEX, VICUNA_SYSTEM
 from hermes_pipeline.readers import iter_records
 
 

@@ -3,6 +3,12 @@
 import functools
 
 import pytest
+from prep_support import FIXTURES, TEXT_SOURCES
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+from hermes_pipeline.chat_format.templates import render
+from hermes_pipeline.chat_format.tokens import prepare_tokenizer
 from hermes_pipeline.data_prep import sources
 from hermes_pipeline.data_prep.tokenize import (
     IGNORE_INDEX,
@@ -13,12 +19,6 @@ from hermes_pipeline.data_prep.tokenize import (
     tokenize_dpo,
     tokenize_rendered,
 )
-from prep_support import FIXTURES, TEXT_SOURCES
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
-
-from hermes_pipeline.chat_format.templates import render
-from hermes_pipeline.chat_format.tokens import prepare_tokenizer
 from hermes_pipeline.readers import iter_records
 from hermes_pipeline.recipe.schema import DataSource
 from hermes_pipeline.rows import Reject

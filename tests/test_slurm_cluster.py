@@ -11,14 +11,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hermes_pipeline.slurm.status import ACTIVE_STATES, job_state
-from hermes_pipeline.slurm.submit import SubmitRequest, submit
-from hermes_pipeline.train.checkpoints import SEAL
 from slurm_support import LocalCluster
 from train_support import ROOT, cli, small_recipe_dict, write_recipe
 
 from hermes_pipeline.recipe.loader import load_recipe
+from hermes_pipeline.slurm.status import ACTIVE_STATES, job_state
+from hermes_pipeline.slurm.submit import SubmitRequest, submit
 from hermes_pipeline.stages import recipe_stages
+from hermes_pipeline.train.checkpoints import SEAL
 
 pytestmark = pytest.mark.slow
 

@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 import yaml
-from hermes_pipeline.slurm.render import JobOptions, RunFiles, render_script
-from hermes_pipeline.slurm.site import SiteConfig, load_site_config
-from hermes_pipeline.slurm.submit import SubmitRequest, submit
 from train_support import ROOT, cli, small_recipe_dict, write_recipe
 
 from hermes_pipeline.errors import RecipeError
 from hermes_pipeline.recipe.loader import load_recipe, recipe_hash
+from hermes_pipeline.slurm.render import JobOptions, RunFiles, render_script
+from hermes_pipeline.slurm.site import SiteConfig, load_site_config
+from hermes_pipeline.slurm.submit import SubmitRequest, submit
 from hermes_pipeline.stages import recipe_stages
 
 # Each piece would run `touch pwned` if it ever reached a shell unquoted.

@@ -11,11 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hermes_pipeline.data_prep.sources import CONVERTERS, convert, row_id
 from PIL import Image
 
 from hermes_pipeline.chat_format.templates import render
 from hermes_pipeline.chat_format.tool_calls import ToolCall, parse_tool_calls
+from hermes_pipeline.data_prep.sources import CONVERTERS, convert, row_id
 from hermes_pipeline.errors import UserError
 from hermes_pipeline.readers import iter_records
 from hermes_pipeline.recipe.schema import DPO_SOURCE_KINDS, SFT_SOURCE_KINDS, DataSource, SourceFilters

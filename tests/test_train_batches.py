@@ -8,8 +8,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import torch.nn.functional as F
-from hermes_pipeline.train.stage import build_trainer, training_args
 from train_support import prepared, small_recipe_dict
+
+from hermes_pipeline.train.stage import build_trainer, training_args
 
 IGNORE = -100
 

@@ -7,10 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from hermes_pipeline.train.callbacks import MetricsLog
-from hermes_pipeline.train.checkpoints import SEAL, latest_complete, remove_incomplete
-from hermes_pipeline.train.launch import configure_devices, relaunch_command
-from hermes_pipeline.train.tracking import configure_wandb, wandb_mode
 from train_support import small_recipe_dict, write_recipe
 from transformers import TrainerControl, TrainerState, TrainingArguments
 
@@ -20,6 +16,10 @@ from hermes_pipeline.models import fit_embeddings, set_stop_tokens
 from hermes_pipeline.recipe.loader import load_recipe
 from hermes_pipeline.recipe.schema import Resources
 from hermes_pipeline.tiny import build_tiny_model, load_tiny_tokenizer, tiny_model_config
+from hermes_pipeline.train.callbacks import MetricsLog
+from hermes_pipeline.train.checkpoints import SEAL, latest_complete, remove_incomplete
+from hermes_pipeline.train.launch import configure_devices, relaunch_command
+from hermes_pipeline.train.tracking import configure_wandb, wandb_mode
 
 
 def test_new_embedding_rows_start_at_the_mean_of_the_old_ones() -> None:

@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from hermes_pipeline.data_prep.pipeline import run_prep
 
+from hermes_pipeline.data_prep.pipeline import run_prep
 from hermes_pipeline.recipe.loader import load_recipe
 from hermes_pipeline.recipe.schema import Recipe
 

@@ -9,8 +9,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from hermes_pipeline.train.checkpoints import SEAL
-from hermes_pipeline.train.launch import barrier
 from transformers import (
     PreTrainedTokenizerBase,
     TrainerCallback,
@@ -20,6 +18,8 @@ from transformers import (
 )
 
 from hermes_pipeline.chat_format.tokens import save_tokenizer
+from hermes_pipeline.train.checkpoints import SEAL
+from hermes_pipeline.train.launch import barrier
 
 # SLURM sends USR1 ahead of the time limit when asked (--signal=B:USR1@300); TERM comes with preemption.
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)

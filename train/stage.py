@@ -17,13 +17,6 @@ from typing import Any, Literal
 
 import torch
 from datasets import Dataset
-from hermes_pipeline.train.callbacks import MetricsLog, SealCheckpoints, StopOnSignal
-from hermes_pipeline.train.checkpoints import checkpoint_step, checkpoints, latest_complete, remove_incomplete
-from hermes_pipeline.train.data import load_split
-from hermes_pipeline.train.launch import barrier, launched
-from hermes_pipeline.train.model import lora_config, record_adapter_base, starting_point, upstream_manifest
-from hermes_pipeline.train.plots import write_plots
-from hermes_pipeline.train.tracking import configure_wandb, run_name
 from transformers import AutoTokenizer
 from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
@@ -39,6 +32,13 @@ from hermes_pipeline.rundir import (
     write_manifest,
 )
 from hermes_pipeline.stages import stage_fingerprint
+from hermes_pipeline.train.callbacks import MetricsLog, SealCheckpoints, StopOnSignal
+from hermes_pipeline.train.checkpoints import checkpoint_step, checkpoints, latest_complete, remove_incomplete
+from hermes_pipeline.train.data import load_split
+from hermes_pipeline.train.launch import barrier, launched
+from hermes_pipeline.train.model import lora_config, record_adapter_base, starting_point, upstream_manifest
+from hermes_pipeline.train.plots import write_plots
+from hermes_pipeline.train.tracking import configure_wandb, run_name
 
 StageName = Literal["sft", "dpo"]
 PROBE_ROWS = 2
