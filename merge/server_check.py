@@ -23,7 +23,8 @@ REPLY_TOKENS = 128
 VERIFY_SERVER_ARGS = ("--threads", "2", "--parallel", "1", *LOG_CHAT_FORMAT)
 # The forced call (see check_tool_calls): the assistant's text up to the value of set_units' enum argument.
 FORCED_CALL_PREFIX = '<tool_call>\n{"name": "set_units", "arguments": {"unit": "'
-FORCED_CALL_TOKENS = 32
+# Room for the value, the call's closing text and the whitespace the grammar allows after it.
+FORCED_CALL_TOKENS = 64
 
 # generation_config.json names -> llama.cpp's GGUF sampling keys (general.sampling.*) and /props names.
 SAMPLING_KEYS = {

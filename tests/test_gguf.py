@@ -21,7 +21,7 @@ from hermes_pipeline.merge.llama_server import free_port
 from hermes_pipeline.merge.package import write_generation_settings
 from hermes_pipeline.merge.probes import SERVED_CONVERSATIONS, UNITS_TOOL, WEATHER_TOOL, probe_texts
 from hermes_pipeline.merge.serve import serve
-from hermes_pipeline.merge.server_check import FORCED_CALL_PREFIX, sampling_defaults
+from hermes_pipeline.merge.server_check import FORCED_CALL_PREFIX, FORCED_CALL_TOKENS, sampling_defaults
 from hermes_pipeline.recipe.schema import PackageSection
 from hermes_pipeline.tiny import build_tiny_model, load_tiny_tokenizer, tiny_model_config
 
@@ -129,7 +129,8 @@ def test_serve_answers_a_tools_request_with_parsed_tool_calls(exported: Path) ->
             "tools": [WEATHER_TOOL, UNITS_TOOL],
             "tool_choice": "required",
             "parallel_tool_calls": False,
-            "max_tokens": 32,
+            "max_tokens": FORCED_CALL_TOKENS,
+            "temperature": 0.0,  # the packaged defaults sample, and may spend the tokens on grammar whitespace
         }
         request = urllib.request.Request(
             f"{url}/v1/chat/completions", json.dumps(body).encode(), {"Content-Type": "application/json"}
