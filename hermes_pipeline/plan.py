@@ -80,7 +80,7 @@ def build_plan(recipe: Recipe) -> Plan:
             )
         elif stage.kind == "eval":
             ev = recipe.eval
-            summary = f"{', '.join(ev.suites)} on the model after {stage.command[3]} ({ev.backend})"
+            summary = f"{', '.join(ev.suites)} on the model after {stage.folder.name} ({ev.backend})"
             plan.stages.append(StagePlan(stage.name, summary, stage.resources))
         else:
             plan.stages.append(StagePlan(stage.name, STAGE_KINDS[stage.kind].produces, stage.resources))

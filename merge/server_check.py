@@ -157,22 +157,26 @@ def _first_difference(expected: str, actual: str) -> str:
     return f"at character {at}, expected {expected[at : at + 40]!r}, got {actual[at : at + 40]!r}"
 
 
-def check_tool_calls(server: LlamaServer, report: ServerReport) -> None:
-    """A request with tools comes back with parsed ``message.tool_calls``: the parser llama.cpp derived
-    from the tool_use template works. The assistant turn is prefilled up to the argument's value, the one
-    part the model writes (under the server's grammar, an enum), so a model too small to call tools by
-    itself still completes one call, and what is checked is llama.cpp's parser and grammar."""
-    body = {
-        "messages": [
-            {"role": "user", "content": "Use celsius from now on."},
-            {"role": "assistant", "content": FORCED_CALL_PREFIX},
-        ],
+def forced_call_request(user: str) -> dict[str, Any]:
+    """A /v1/chat/completions body whose answer must be one set_units call: the assistant turn prefilled
+    up to the enum argument's value, greedy (the packaged defaults sample, and could spend the tokens on
+    the whitespace the grammar allows after the call)."""
+    return {
+        "messages": [{"role": "user", "content": user}, {"role": "assistant", "content": FORCED_CALL_PREFIX}],
         "tools": [WEATHER_TOOL, UNITS_TOOL],
         "tool_choice": "required",
         "parallel_tool_calls": False,
         "max_tokens": FORCED_CALL_TOKENS,
         "temperature": 0.0,
     }
+
+
+def check_tool_calls(server: LlamaServer, report: ServerReport) -> None:
+    """A request with tools comes back with parsed ``message.tool_calls``: the parser llama.cpp derived
+    from the tool_use template works. The assistant turn is prefilled up to the argument's value, the one
+    part the model writes (under the server's grammar, an enum), so a model too small to call tools by
+    itself still completes one call, and what is checked is llama.cpp's parser and grammar."""
+    body = forced_call_request("Use celsius from now on.")
     try:
         choice = server.post("/v1/chat/completions", body)["choices"][0]
     except ServerError as exc:

@@ -19,9 +19,9 @@ from hermes_pipeline.merge.gguf import export_gguf, file_name, is_llama3_tokeniz
 from hermes_pipeline.merge.gguf_check import GgufCheckFailed, load, read_metadata, reply
 from hermes_pipeline.merge.llama_server import free_port
 from hermes_pipeline.merge.package import write_generation_settings
-from hermes_pipeline.merge.probes import SERVED_CONVERSATIONS, UNITS_TOOL, WEATHER_TOOL, probe_texts
+from hermes_pipeline.merge.probes import SERVED_CONVERSATIONS, probe_texts
 from hermes_pipeline.merge.serve import serve
-from hermes_pipeline.merge.server_check import FORCED_CALL_PREFIX, FORCED_CALL_TOKENS, sampling_defaults
+from hermes_pipeline.merge.server_check import forced_call_request, sampling_defaults
 from hermes_pipeline.recipe.schema import PackageSection
 from hermes_pipeline.tiny import build_tiny_model, load_tiny_tokenizer, tiny_model_config
 
@@ -121,17 +121,7 @@ def test_serve_answers_a_tools_request_with_parsed_tool_calls(exported: Path) ->
     answers = []
 
     def ask(url: str) -> None:
-        body = {
-            "messages": [
-                {"role": "user", "content": "Fahrenheit please."},
-                {"role": "assistant", "content": FORCED_CALL_PREFIX},
-            ],
-            "tools": [WEATHER_TOOL, UNITS_TOOL],
-            "tool_choice": "required",
-            "parallel_tool_calls": False,
-            "max_tokens": FORCED_CALL_TOKENS,
-            "temperature": 0.0,  # the packaged defaults sample, and may spend the tokens on grammar whitespace
-        }
+        body = forced_call_request("Fahrenheit please.")
         request = urllib.request.Request(
             f"{url}/v1/chat/completions", json.dumps(body).encode(), {"Content-Type": "application/json"}
         )
