@@ -89,7 +89,7 @@ class LlamaServer:
         found = re.findall(r"chat format: (\S+)", self.log_path.read_text(encoding="utf-8", errors="replace"))
         return found[-1] if found else None
 
-    def log_tail(self, lines: int = 20) -> str:
+    def log_tail(self, lines: int) -> str:
         text = self.log_path.read_text(encoding="utf-8", errors="replace")
         return "\n".join(text.splitlines()[-lines:])
 
@@ -152,8 +152,8 @@ def wait_until_ready(server: LlamaServer, timeout: float = STARTUP_SECONDS) -> N
     while time.monotonic() < deadline:
         if server.process.poll() is not None:
             raise ServerError(
-                f"llama-server exited with code {server.process.returncode} while loading the model:\n"
-                + server.log_tail()
+                f"llama-server exited with code {server.process.returncode} while loading the model "
+                f"(its last log line: {server.log_tail(1)!r})"
             )
         try:
             with urllib.request.urlopen(server.url + "/health", timeout=5) as response:
@@ -162,7 +162,9 @@ def wait_until_ready(server: LlamaServer, timeout: float = STARTUP_SECONDS) -> N
         except (urllib.error.URLError, ConnectionError, TimeoutError):
             pass  # not listening yet, or 503 while the model loads
         time.sleep(0.2)
-    raise ServerError(f"llama-server did not answer /health within {timeout:.0f} s:\n" + server.log_tail())
+    raise ServerError(
+        f"llama-server did not answer /health within {timeout:.0f} s (its last log line: {server.log_tail(1)!r})"
+    )
 
 
 def stop(process: subprocess.Popen) -> None:
