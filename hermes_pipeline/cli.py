@@ -118,7 +118,9 @@ def _prep(args: argparse.Namespace) -> None:
 
 
 def _train(args: argparse.Namespace) -> None:
+    from hermes_pipeline.locks import stage_lock
     from hermes_pipeline.recipe.loader import load_recipe
+    from hermes_pipeline.rundir import stage_dir
     from hermes_pipeline.train.launch import configure_devices, relaunch_command
     from hermes_pipeline.train.stage import check_ready, run_train
 
@@ -128,6 +130,8 @@ def _train(args: argparse.Namespace) -> None:
     check_ready(recipe, args.stage)
     command = relaunch_command(stage.resources, sys.argv[1:])
     if command is not None:
+        with stage_lock(stage_dir(recipe, args.stage)):
+            pass  # taken by the main process it starts; a stage in use is one line here, not in every rank
         sys.exit(subprocess.call(command))
 
     run_train(recipe, args.stage, force=args.force)
@@ -188,6 +192,11 @@ def _add_merge_commands(commands: argparse._SubParsersAction) -> None:
     gguf.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     gguf.add_argument("--types", help="comma-separated GGUF types, e.g. f16,q8_0,q4_k_m,q5_k_m")
     gguf.add_argument("--out", metavar="DIR", help="output folder for a model folder TARGET")
+    gguf.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="let a model folder TARGET run code it ships (auto_map classes, *.py); refused otherwise",
+    )
     _add_force_argument(gguf)
     gguf.set_defaults(handler=_export_gguf)
 
@@ -257,7 +266,7 @@ def _export_gguf(args: argparse.Namespace) -> None:
 
         types = (args.types or "f16,q8_0,q4_k_m").split(",")
         out = Path(args.out) if args.out else target.with_name(target.name + "-gguf")
-        export_gguf(target, out, types, target.name)
+        export_gguf(target, out, types, target.name, trust_remote_code=args.trust_remote_code)
         return
     from hermes_pipeline.merge.gguf import run_export
     from hermes_pipeline.recipe.loader import load_recipe

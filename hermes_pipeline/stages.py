@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from hermes_pipeline.locks import stage_lock
 from hermes_pipeline.recipe.checks import training_stages
 from hermes_pipeline.recipe.schema import Recipe, Resources
 from hermes_pipeline.rundir import is_complete, run_dir, staged_output, write_manifest
@@ -101,7 +102,7 @@ STAGE_KINDS: dict[str, StageKind] = {
         StageKind(
             "export",
             "gguf",
-            ("export.gguf_types",),
+            ("export.gguf_types", "model.trust_remote_code"),
             "GGUF files, each verified against the package and served by llama-server",
         ),
         StageKind(
@@ -256,13 +257,15 @@ def run_stage(
     rename that into place, and write the manifest last. Returns whether the stage ran.
 
     Training stages do not use it: their checkpoints must survive a crash in the stage folder, so they
-    seal their model folder themselves, with the same fingerprint, inputs and manifest."""
+    seal their model folder themselves, with the same fingerprint, inputs and manifest. Either way the
+    stage's lock is held throughout, so a second command on the same stage stops instead of racing."""
     fingerprint = stage_fingerprint(recipe, kind)
-    if not force and is_complete(folder, fingerprint, inputs):
-        log(f"{kind}: {folder} is up to date; skipped (--force to redo)")
-        return False
-    started = time.time()
-    with staged_output(folder) as partial:
-        extra = body(partial)
-    write_manifest(folder, fingerprint, inputs, started, extra=extra, skip=skip)
+    with stage_lock(folder):
+        if not force and is_complete(folder, fingerprint, inputs):
+            log(f"{kind}: {folder} is up to date; skipped (--force to redo)")
+            return False
+        started = time.time()
+        with staged_output(folder) as partial:
+            extra = body(partial)
+        write_manifest(folder, fingerprint, inputs, started, extra=extra, skip=skip)
     return True

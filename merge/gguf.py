@@ -18,6 +18,7 @@ from hermes_pipeline.merge.gguf_check import GgufReport, reference_of, verify_gg
 from hermes_pipeline.merge.server_check import sampling_defaults
 from hermes_pipeline.merge.shards import check_free_space, model_bytes
 from hermes_pipeline.recipe.schema import GGUF_TYPES, Recipe
+from hermes_pipeline.remote_code import refuse_custom_code
 from hermes_pipeline.rundir import (
     MANIFEST,
     file_fingerprint,
@@ -41,17 +42,31 @@ def file_name(name: str, gguf_type: str) -> str:
 
 
 def export_gguf(
-    model_dir: Path, out_dir: Path, types: list[str], name: str, log: Callable[[str], None] = print
+    model_dir: Path,
+    out_dir: Path,
+    types: list[str],
+    name: str,
+    log: Callable[[str], None] = print,
+    trust_remote_code: bool = False,
 ) -> list[GgufReport]:
     """Convert ``model_dir`` to every type in ``types``, verify each file, and publish ``out_dir``."""
     with staged_output(out_dir) as partial:
-        return write_gguf_files(model_dir, partial, types, name, log)
+        return write_gguf_files(model_dir, partial, types, name, log, trust_remote_code)
 
 
 def write_gguf_files(
-    model_dir: Path, folder: Path, types: list[str], name: str, log: Callable[[str], None] = print
+    model_dir: Path,
+    folder: Path,
+    types: list[str],
+    name: str,
+    log: Callable[[str], None] = print,
+    trust_remote_code: bool = False,
 ) -> list[GgufReport]:
-    """Every requested type in ``folder`` (a staging folder), each verified, and verification.json."""
+    """Every requested type in ``folder`` (a staging folder), each verified, and verification.json.
+
+    llama.cpp's converter loads some tokenizers with remote code allowed, so a folder naming code of its
+    own is refused here unless ``trust_remote_code``."""
+    refuse_custom_code(model_dir, trust_remote_code)
     unknown = [t for t in types if t.lower() not in GGUF_TYPES]
     if unknown:
         raise UserError(f"unknown GGUF type {unknown[0]!r}; known: {', '.join(GGUF_TYPES)}")
@@ -205,7 +220,9 @@ def run_export(recipe: Recipe, force: bool = False, log: Callable[[str], None] =
         raise UserError(f"{model_dir} is not packaged yet; run `hermes-pipeline package RECIPE` first")
 
     def export(partial: Path) -> dict[str, Any]:
-        reports = write_gguf_files(model_dir, partial, recipe.export.gguf_types, recipe.name, log)
+        reports = write_gguf_files(
+            model_dir, partial, recipe.export.gguf_types, recipe.name, log, recipe.model.trust_remote_code
+        )
         return {"verification": [r.as_dict() for r in reports]}
 
     out = stage_dir(recipe, GGUF)

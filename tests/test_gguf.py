@@ -208,6 +208,29 @@ def _edited(model_dir: Path, tmp_path: Path, edit: Callable[[dict], dict]) -> Pa
     return folder
 
 
+@pytest.mark.parametrize("ships", ["an auto_map tokenizer", "a Python module"])
+def test_a_folder_that_ships_code_is_refused_before_anything_runs(
+    model_dir: Path, tmp_path: Path, ships: str
+) -> None:
+    """llama.cpp's converter loads some tokenizers with remote code allowed: without the opt-in, the
+    folder's code must never be imported."""
+    marker = tmp_path / "ran"
+
+    def custom_tokenizer(config: dict) -> dict:
+        if ships == "a Python module":
+            return config
+        return config | {"auto_map": {"AutoTokenizer": [None, "tokenization_own.OwnTokenizer"]}}
+
+    folder = _edited(model_dir, tmp_path, custom_tokenizer)
+    (folder / "tokenization_own.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    out = tmp_path / "gguf"
+    with pytest.raises(
+        UserError, match=r"would run as code here; if you trust it, set model\.trust_remote_code"
+    ):
+        export_gguf(folder, out, ["f16"], "tiny", log=lambda _: None)
+    assert not marker.exists() and not out.exists() and not list(tmp_path.glob("gguf*"))
+
+
 def test_a_wrong_eos_fails_the_export_and_leaves_nothing(model_dir: Path, tmp_path: Path) -> None:
     def wrong_eos(config: dict) -> dict:
         return config | {"eos_token": "</s>"}

@@ -1,18 +1,24 @@
 """Recipe validation: shipped recipes pass, broken ones fail with one line naming the key, exit code 2."""
 
 import copy
+import os
+import random
 import re
 import subprocess
 import sys
+import time
+import typing
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import yaml
+from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from hermes_pipeline.cli import main
 from hermes_pipeline.errors import RecipeError
 from hermes_pipeline.recipe.loader import load_recipe, recipe_hash
+from hermes_pipeline.recipe.schema import Recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "configs" / "recipes"
@@ -188,7 +194,10 @@ def _write(tmp_path: Path, raw: object) -> Path:
         if not target.exists():
             target.symlink_to(ROOT / linked)
     path = recipe_dir / "broken.yaml"
-    path.write_text(raw if isinstance(raw, str) else yaml.safe_dump(raw))
+    if isinstance(raw, bytes):
+        path.write_bytes(raw)
+    else:
+        path.write_text(raw if isinstance(raw, str) else yaml.safe_dump(raw))
     return path
 
 
@@ -368,3 +377,268 @@ def test_hub_ids_stay_hub_ids() -> None:
     recipe = load_recipe(RECIPES / "hermes-2-pro-mistral-7b.yaml")
     assert recipe.model.name_or_path == "mistralai/Mistral-7B-v0.1"
     assert recipe.data.sources[1].path == "NousResearch/hermes-function-calling-v1"
+
+
+TINY_TEXT = TINY.read_text()
+
+
+def _tiny_with(old: str, new: str) -> str:
+    assert old in TINY_TEXT, old
+    return TINY_TEXT.replace(old, new, 1)
+
+
+def _alias_bomb(levels: int) -> str:
+    """Billion laughs: each level lists the one before ten times, so nine levels stand for 10**9 values."""
+    lines = ["bomb:", "  l0: &l0 [" + ", ".join(["lol"] * 10) + "]"]
+    lines += [f"  l{i}: &l{i} [" + ", ".join([f"*l{i - 1}"] * 10) + "]" for i in range(1, levels)]
+    return TINY_TEXT + "\n".join(lines) + "\n"
+
+
+# (id, recipe file contents, words in the one line it ends in)
+HOSTILE: list[tuple[str, str | bytes, str]] = [
+    ("binary", b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR", "binary, not a YAML recipe (a NUL byte at byte offset 8)"),
+    ("not UTF-8", _tiny_with("Tiny end", "Tiny \xe9nd").encode("latin-1"), "not UTF-8 text (byte 0xe9 at byte offset"),
+    ("control character", _tiny_with("seed: 0", "seed: \x04"), "invalid YAML: character U+0004: control characters are not allowed"),
+    ("larger than a recipe", TINY_TEXT + "#" * 300_000 + "\n", "larger than 256 KiB; a recipe is a short YAML file"),
+    ("nested thousands deep", "x: " + "[" * 5000 + "]" * 5000 + "\n" + TINY_TEXT, "nest"),
+    ("nested past the limit", TINY_TEXT + "x: " + "[" * 40 + "]" * 40 + "\n", "nested more than 32 levels deep"),
+    ("alias bomb", _alias_bomb(9), "more than 10000 keys and values, counting what aliases stand for"),
+    ("alias inside itself", TINY_TEXT + "x: &x [*x]\n", "nested more than 32 levels deep"),
+    ("5000-digit integer", _tiny_with("seed: 0", "seed: " + "7" * 5000), "integer of 5000 characters is out of range"),
+    ("integer beyond 64 bits", _tiny_with("seed: 0", f"seed: {2**64}"), "integer of 20 characters is out of range"),
+    ("unknown tag", _tiny_with("seed: 0", "seed: !!python/object/apply:os.system [ls]"), "unknown tag 'tag:yaml.org,2002:python/object/apply:os.system'"),
+    ("impossible date", _tiny_with("seed: 0", "seed: 2024-13-45"), "invalid YAML: month must be in 1..12"),
+    ("list as a key", TINY_TEXT + "? [a, b]\n: 1\n", "a list or mapping cannot be a key"),
+    ("zero-width space in a key", _tiny_with("seed: 0", "se\u200bed: 0"), "'se\\u200bed': unknown key; did you mean 'seed'?"),
+    ("boolean for an integer", _tiny_with("micro_batch_size: 1", "micro_batch_size: true"), "sft.micro_batch_size: expected a valid integer (got True)"),
+    ("boolean for a number", _tiny_with("num_epochs: 3", "num_epochs: yes"), "sft.num_epochs: expected a valid number (got True)"),
+    ("not a number", _tiny_with("learning_rate: 2e-3", "learning_rate: .nan"), "sft.learning_rate: must be a finite number (got nan)"),
+    ("a 200 KB value", _tiny_with("name: tiny", "name: " + "x/" * 100_000), f"(got {'x/' * 40!r}... (200000 chars))"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("case", "contents", "words"), HOSTILE, ids=[h[0] for h in HOSTILE])
+def test_hostile_recipe_ends_in_one_line_within_a_second(
+    case: str,
+    contents: str | bytes,
+    words: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    path = _write(tmp_path, contents)
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    started = time.perf_counter()
+    assert main(["validate", str(path)]) == 2
+    elapsed = time.perf_counter() - started
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(str(path)) and words in err, err[:500]
+    assert len(err) < 400
+    assert elapsed < 1
+    assert list(work.iterdir()) == []
+
+
+def test_at_most_20_problems_then_a_count(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = _write(tmp_path, TINY_TEXT + "".join(f"junk{i}: 1\n" for i in range(1000)))
+    assert main(["validate", str(path)]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert [line.split(": ")[1] for line in lines[:20]] == [f"junk{i}" for i in range(20)]
+    assert lines[20:] == [f"{path}: ... and 980 more problems"]
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("..=1", "--set ..=1: expected KEY=VALUE"),
+        ("data.sources.²=1", "--set data.sources.²=1: cannot set '²' here"),
+        ("seed=" + "9" * 5000, f"--set seed={'9' * 75}... (5005 chars):1:1: invalid YAML: integer of 5000 characters"),
+        ("name=" + "x" * 100_000, f"name: not a folder name; use letters, digits, '_', '.' and '-', starting with a letter, digit or '_', at most 100 characters (got {'x' * 80!r}... (100000 chars)) (from --set)"),
+    ],
+    ids=["no key", "not an index", "huge integer", "huge value"],
+)  # fmt: skip
+def test_hostile_override_gives_one_short_line(override: str, expected: str) -> None:
+    with pytest.raises(RecipeError) as info:
+        load_recipe(RECIPES / "tiny.yaml", [override])
+    assert len(info.value.lines) == 1 and len(info.value.lines[0]) < 400
+    assert expected in info.value.lines[0]
+
+
+def _sections(model: type[BaseModel] = Recipe) -> set[type[BaseModel]]:
+    """Every section model reachable from ``model``, itself included."""
+    found = {model}
+    for field in model.model_fields.values():
+        for arg in [field.annotation, *typing.get_args(field.annotation)]:
+            for inner in [arg, *typing.get_args(arg)]:
+                if isinstance(inner, type) and issubclass(inner, BaseModel) and inner not in found:
+                    found |= _sections(inner)
+    return found
+
+
+def _accepts_true(annotation: object) -> bool:
+    try:
+        TypeAdapter(annotation).validate_python(True)
+    except ValidationError:
+        return False
+    return True
+
+
+def test_yaml_true_is_never_read_as_a_number() -> None:
+    """YAML reads true, yes and on as booleans, and pydantic would take one for 1 in an integer or a float."""
+    accepted = [
+        f"{model.__name__}.{name}"
+        for model in _sections()
+        for name, field in model.model_fields.items()
+        if field.annotation is not bool and _accepts_true(field.rebuild_annotation())
+    ]
+    assert len(_sections()) > 15 and accepted == []
+
+
+@pytest.mark.parametrize("name", ["..", ".", "a/b", ".hidden", "-x", "x" * 101, "tiny\n"])
+def test_run_name_is_one_folder_name(
+    name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """runs/<name> is the default run directory: `..` would put every stage's output in the working folder."""
+    raw = _tiny()
+    raw["name"] = name
+    path = _write(tmp_path, raw)
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    assert main(["prep", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"{path}: name: not a folder name; ") and err.count("\n") == 1
+    assert list(work.iterdir()) == []
+
+
+def test_run_names_people_use_are_kept() -> None:
+    for name in ("tiny", "Hermes-2-Pro_Mistral-7B.v2", "été", "x" * 100):
+        assert load_recipe(TINY, [f"name={name}"]).name == name
+
+
+def _in_a_work_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty working folder holding a link to /usr, with $HOME in tmp_path."""
+    home = tmp_path / "home"
+    work = tmp_path / "work"
+    home.mkdir()
+    work.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(work)
+    (work / "usr-link").symlink_to("/usr")
+    return work
+
+
+@pytest.mark.parametrize(
+    "run_dir",
+    ["/", "/etc/../etc", "/usr/lib/hermes", "/proc/self/run", "/dev", "${HOME}", "${HOME}/", "../" * 40, "usr-link/run", "/tmp"],
+)  # fmt: skip
+def test_run_dir_cannot_be_a_system_folder(
+    run_dir: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Every stage replaces its subfolder of the run directory (prep/, sft/, merge/) whole."""
+    work = _in_a_work_folder(tmp_path, monkeypatch)
+    raw = _tiny()
+    raw["run_dir"] = run_dir
+    path = _write(tmp_path, raw)
+    assert main(["prep", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"{path}: run_dir: resolves to ") and err.count("\n") == 1
+    assert "a system or shared folder; use a folder of your own" in err
+    assert [p.name for p in work.iterdir()] == ["usr-link"]
+
+
+@pytest.mark.parametrize(
+    "run_dir",
+    ["runs/x", "../elsewhere/run", "${HOME}/runs/x", "TMP/scratch/me/run", "/tmp/hermes-run", "/dev/shm/hermes-run", "/var/tmp/me/run"],
+)  # fmt: skip
+def test_run_dir_may_be_any_folder_of_ones_own(
+    run_dir: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Cluster users point run_dir at shared scratch, node-local scratch or a path relative to the job's folder."""
+    _in_a_work_folder(tmp_path, monkeypatch)
+    run_dir = run_dir.replace("TMP", str(tmp_path))
+    assert load_recipe(TINY, [f"run_dir={run_dir}"]).run_dir == os.path.expandvars(run_dir)
+
+
+_VALUE_LINE = re.compile(r"^( *)(\w+): (\S.*)$", re.MULTILINE)
+_ODD_VALUES = [
+    "true", "no", "~", "[]", "{}", "[1, 2]", "-1", "0", "1.5", "9" * 25, "9" * 5000, "0x" + "f" * 40, ".inf",
+    ".nan", "2024-13-45", "!!python/name:os.system", "'" + "z" * 5000 + "'", "*nope", "&a [*a]",
+    "[" * 40 + "]" * 40, "'\u200b'", "..", "/", "/etc", "${HERMES_TEST_UNSET}", "{a: &b [*b]}",
+]  # fmt: skip
+_ODD_CHARACTERS = ["\u200b", "\u00a0", "\u0430", "\u202e", "\ufeff", "\U0001f600", ".", " ", "[0]", "²", "\x1b"]  # fmt: skip
+_ODD_OVERRIDES = [
+    "..=1", "a.²=1", "seed=" + "9" * 5000, "name=" + "x" * 100_000, "sft=[", "data.sources.9.path=x", "=1",
+    "sft.learning_rate", "data.sources[0]=&a [*a]", "eval.after=[\u200b]",
+]  # fmt: skip
+
+
+def _mutant(rng: random.Random) -> tuple[bytes, list[str]]:
+    """tiny.yaml broken one random way, with an odd --set now and then."""
+    lines = list(_VALUE_LINE.finditer(TINY_TEXT))
+    line = rng.choice(lines)
+    indent, key, _ = line.groups()
+    at = rng.randrange(len(TINY_TEXT))
+    i = rng.randrange(len(key) + 1)
+    text = rng.choice(
+        [
+            lambda: TINY_TEXT.replace(line.group(0), f"{indent}{key}: {rng.choice(_ODD_VALUES)}", 1),
+            lambda: TINY_TEXT.replace(
+                line.group(0), f"{indent}{key[:i]}{rng.choice(_ODD_CHARACTERS)}{key[i:]}: 1", 1
+            ),
+            lambda: TINY_TEXT[:at],
+            lambda: _alias_bomb(rng.randint(2, 9)),
+            lambda: "x: " + "[" * rng.choice([33, 900, 1001, 5000]) + "]" * 5000 + "\n" + TINY_TEXT,
+            lambda: TINY_TEXT + "".join(f"junk{n}: 1\n" for n in range(rng.choice([3, 30, 3000]))),
+        ]
+    )()
+    data = text.encode()
+    if rng.random() < 0.15:
+        data = data[:at] + rng.randbytes(rng.randint(1, 8)) + data[at:]
+    return data, [rng.choice(_ODD_OVERRIDES)] if rng.random() < 0.15 else []
+
+
+def _load(path: Path, overrides: list[str]) -> tuple[list[str], float]:
+    """The problem lines (none when valid) and the seconds it took."""
+    started = time.perf_counter()
+    try:
+        load_recipe(path, overrides)
+        lines = []
+    except RecipeError as exc:
+        lines = exc.lines
+    return lines, time.perf_counter() - started
+
+
+def test_hundreds_of_hostile_recipes_end_in_a_few_short_lines(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Random ways to break tiny.yaml: each is valid or refused in at most 21 short lines, within a second,
+    writing nothing; a few are run through the command line too, where no traceback may show."""
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    load_recipe(TINY)  # the first valid recipe loads torch for the model config
+    rng = random.Random(7)
+    refused = []
+    for _ in range(300):
+        data, overrides = _mutant(rng)
+        path = _write(tmp_path, data)
+        lines, seconds = _load(path, overrides)
+        assert len(lines) <= 21 and all(len(line) < 700 and "\n" not in line for line in lines), lines
+        assert seconds < 1, (seconds, data[:200], overrides)
+        if lines and not overrides:
+            refused.append(data)
+    assert 150 < len(refused) < 300 and list(work.iterdir()) == []
+    for data in refused[:: len(refused) // 5][:5]:
+        path = _write(tmp_path, data)
+        started = time.perf_counter()
+        result = subprocess.run(
+            [sys.executable, "-m", "hermes_pipeline.cli", "validate", str(path)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert time.perf_counter() - started < 2  # the interpreter's start included
+        assert result.returncode == 2 and "Traceback" not in result.stderr
+        assert 1 <= len(result.stderr.splitlines()) <= 21 and list(work.iterdir()) == []

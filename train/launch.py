@@ -23,6 +23,11 @@ def launched() -> bool:
     return "LOCAL_RANK" in os.environ
 
 
+def is_main_process() -> bool:
+    """Global rank 0, or a process no launcher started: the one that owns the stage's lock and seal."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def barrier() -> None:
     """Wait for every rank; a no-op in a single process."""
     if dist.is_available() and dist.is_initialized():

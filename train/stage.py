@@ -12,6 +12,7 @@ import json
 import resource
 import shutil
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Literal
 
@@ -22,6 +23,7 @@ from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
 from hermes_pipeline.chat_format.tokens import save_tokenizer
 from hermes_pipeline.errors import StageInterrupted, UserError
+from hermes_pipeline.locks import stage_lock
 from hermes_pipeline.models import MODEL_SUBDIR, is_adapter, load_model, load_trained, whole_weights
 from hermes_pipeline.recipe.schema import DpoStage, Recipe, SftStage, TrainStage
 from hermes_pipeline.rundir import (
@@ -35,7 +37,7 @@ from hermes_pipeline.stages import stage_fingerprint
 from hermes_pipeline.train.callbacks import MetricsLog, SealCheckpoints, StopOnSignal
 from hermes_pipeline.train.checkpoints import checkpoint_step, checkpoints, latest_complete, remove_incomplete
 from hermes_pipeline.train.data import load_split
-from hermes_pipeline.train.launch import barrier, launched
+from hermes_pipeline.train.launch import barrier, is_main_process, launched
 from hermes_pipeline.train.model import lora_config, record_adapter_base, starting_point, upstream_manifest
 from hermes_pipeline.train.plots import write_plots
 from hermes_pipeline.train.tracking import configure_wandb, run_name
@@ -74,6 +76,13 @@ def check_ready(recipe: Recipe, name: StageName) -> None:
 
 
 def run_train(recipe: Recipe, name: StageName, force: bool = False, log: Any = print) -> Path:
+    """Train the stage, or skip it when its sealed model matches; the main process holds the stage's lock
+    throughout, so a second command on the same stage stops in one line."""
+    with stage_lock(stage_dir(recipe, name)) if is_main_process() else nullcontext():
+        return _run_train(recipe, name, force, log)
+
+
+def _run_train(recipe: Recipe, name: StageName, force: bool, log: Any) -> Path:
     check_ready(recipe, name)
     stage: TrainStage = getattr(recipe, name)
     out = stage_dir(recipe, name)

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from hermes_pipeline.errors import UserError
-from hermes_pipeline.model_info import context_length, load_model_config
+from hermes_pipeline.recipe.limits import shown
 from hermes_pipeline.recipe.schema import (
     DPO_SOURCE_KINDS,
     GGUF_TYPES,
@@ -59,7 +59,7 @@ def _check_sources(recipe: Recipe) -> Iterator[Problem]:
     sources = recipe.data.sources
     for name, count in Counter(s.name for s in sources).items():
         if count > 1:
-            yield "data.sources", f"source name '{name}' is used {count} times; names must be unique"
+            yield "data.sources", f"source name {shown(name)} is used {count} times; names must be unique"
     for i, source in enumerate(sources):
         key = f"data.sources[{i}]"
         if source.mode is not None and source.kind != "function_calling":
@@ -206,12 +206,16 @@ def _check_fraction(key: str, value: object) -> Iterator[Problem]:
         if not all(isinstance(n, numbers.Real) and 0 <= n <= 1 for n in numbers_in):
             yield (
                 key,
-                f"expected numbers between 0 and 1, a list of them, or [{{filter, value}}] (got {value!r})",
+                f"expected numbers between 0 and 1, a list of them, or [{{filter, value}}] (got {shown(value)})",
             )
             return
 
 
 def _check_context(recipe: Recipe) -> Iterator[Problem]:
+    # Imported here: model_info loads torch and transformers (seconds), and a recipe refused by its schema
+    # should be answered before that.
+    from hermes_pipeline.model_info import context_length, load_model_config
+
     try:
         config = load_model_config(recipe.model)
     except UserError as exc:
@@ -229,7 +233,7 @@ def _check_export(recipe: Recipe) -> Iterator[Problem]:
             hint = f"did you mean '{close[0]}'? " if close else ""
             yield (
                 f"export.gguf_types[{i}]",
-                f"'{quant}' is not a llama.cpp GGUF type; {hint}known: {', '.join(GGUF_TYPES)}",
+                f"{shown(quant)} is not a llama.cpp GGUF type; {hint}known: {', '.join(GGUF_TYPES)}",
             )
 
 

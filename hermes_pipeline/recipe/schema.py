@@ -7,11 +7,15 @@ in ``checks.py``. Local paths are resolved against the recipe file's folder and 
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, model_validator
+from pydantic.types import AllowInfNan, Strict
+
+from hermes_pipeline.recipe.limits import shown
 
 # llama.cpp's converter writes f32/f16/bf16/q8_0 itself; the rest come from its quantizer (tools/quantize).
 # MXFP4_MOE (MoE only) and COPY (no quantization) are left out on purpose.
@@ -36,27 +40,42 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 SLURM_TIME = re.compile(r"^(\d+-)?\d{1,3}:\d{2}:\d{2}$")
 MEMORY = re.compile(r"^\d+[KMGT]?$")
 STAGE_OUTPUTS = ("base", "sft", "merge")
+# One folder name, never . or .. nor hidden, and short enough for any file system.
+RUN_NAME = re.compile(r"\w[\w.-]{0,99}")
+# A run directory may not lie inside these: the system's own files and its virtual file systems.
+SYSTEM_TREES = ("/bin", "/boot", "/etc", "/lib", "/lib32", "/lib64", "/proc", "/sbin", "/sys", "/usr")
+# A run directory may lie inside these but not be one of them (nor the user's home): their subfolders belong
+# to others. /dev/shm and /tmp hold node-local scratch, /home and /mnt shared file systems.
+SHARED_ROOTS = ("/", "/dev", "/home", "/media", "/mnt", "/opt", "/root", "/run", "/srv", "/tmp", "/var")
 # A name ending like a data file is a local file the user meant, never a Hub repository.
 DATA_FILE_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv", ".arrow")
 
 
 def _resolve(value: str | Path, info: ValidationInfo) -> Path:
     base = (info.context or {}).get("base_dir", Path.cwd())
-    path = Path(value).expanduser()
+    path = Path(os.path.expanduser(value))  # unlike Path.expanduser, leaves ~nosuchuser as written
     return path if path.is_absolute() else (Path(base) / path).resolve()
+
+
+def _exists(path: Path) -> bool:
+    """False, not an error, where the system cannot look a path up (a name too long): it names nothing."""
+    try:
+        return path.exists()
+    except OSError:
+        return False
 
 
 def _existing_path(value: str, info: ValidationInfo) -> str:
     path = _resolve(value, info)
-    if not path.exists():
-        raise ValueError(f"no such file or directory: {path}")
+    if not _exists(path):
+        raise ValueError(f"no such file or directory: {shown(str(path))}")
     return str(path)
 
 
 def _hub_id_or_path(value: str, info: ValidationInfo) -> str:
     """A Hub id (``owner/name``) stays as it is; anything else is a local path that must exist."""
     path = _resolve(value, info)
-    if path.exists():
+    if _exists(path):
         return str(path)
     if (
         HUB_ID.match(value)
@@ -64,7 +83,7 @@ def _hub_id_or_path(value: str, info: ValidationInfo) -> str:
         and not value.endswith(DATA_FILE_SUFFIXES)
     ):
         return value
-    raise ValueError(f"not a Hub id (owner/name) and no such local path: {path}")
+    raise ValueError(f"not a Hub id (owner/name) and no such local path: {shown(str(path))}")
 
 
 def _stage_or_model(value: str, info: ValidationInfo) -> str:
@@ -72,11 +91,42 @@ def _stage_or_model(value: str, info: ValidationInfo) -> str:
     return value if value in STAGE_OUTPUTS else _hub_id_or_path(value, info)
 
 
+def _run_name(value: str) -> str:
+    """The default run directory is runs/<name>: a name that is one plain folder name keeps it inside runs/."""
+    if not RUN_NAME.fullmatch(value):
+        raise ValueError(
+            "not a folder name; use letters, digits, '_', '.' and '-', starting with a letter, digit or '_', "
+            "at most 100 characters"
+        )
+    return value
+
+
+def _own_folder(value: str) -> str:
+    """Each stage replaces its subfolder of the run directory (prep/, sft/, merge/, ...) wholesale, so the run
+    directory must be a folder of the user's own, never the system's or a shared root. A relative run_dir is
+    resolved as the stages use it, against the working directory, and symlinks are followed."""
+    where = Path(value).resolve()
+    trees = [Path(tree).resolve() for tree in SYSTEM_TREES]
+    roots = [Path(root).resolve() for root in (*SHARED_ROOTS, os.path.expanduser("~"))]
+    if where in roots or any(where.is_relative_to(tree) for tree in trees):
+        raise ValueError(
+            f"resolves to {shown(str(where))}, a system or shared folder; use a folder of your own, "
+            "e.g. /scratch/$USER/runs/NAME or runs/NAME"
+        )
+    return value
+
+
+# YAML reads `true` as a boolean, which pydantic would take for 1: numbers are strict (an integer still passes
+# where a float is expected), and finite.
+Int = Annotated[int, Strict()]
+Float = Annotated[float, Strict(), AllowInfNan(False)]
 LocalPath = Annotated[str, AfterValidator(_existing_path)]
+RunName = Annotated[str, AfterValidator(_run_name)]
+RunDir = Annotated[str, Field(min_length=1), AfterValidator(_own_folder)]
 ModelRef = Annotated[str, AfterValidator(_hub_id_or_path)]
 StartingPoint = Annotated[str, AfterValidator(_stage_or_model)]
-PositiveInt = Annotated[int, Field(ge=1)]
-LearningRate = Annotated[float, Field(gt=0, lt=1)]
+PositiveInt = Annotated[Int, Field(ge=1)]
+LearningRate = Annotated[Float, Field(gt=0, lt=1)]
 
 
 class Section(BaseModel):
@@ -87,12 +137,12 @@ class Resources(Section):
     """What one stage asks the cluster for; a CPU-only stage sets gpus_per_node to 0."""
 
     nodes: PositiveInt = 1
-    gpus_per_node: Annotated[int, Field(ge=0, le=16)] = 8
+    gpus_per_node: Annotated[Int, Field(ge=0, le=16)] = 8
     processes_per_node: PositiveInt | None = None
     cpus_per_task: PositiveInt = 16
     mem: Annotated[str, Field(pattern=MEMORY.pattern)] | None = None
     time: Annotated[str, Field(pattern=SLURM_TIME.pattern)] = "24:00:00"
-    gpu_memory_gib: Annotated[float, Field(gt=0)] = 80.0
+    gpu_memory_gib: Annotated[Float, Field(gt=0)] = 80.0
 
     @property
     def world_size(self) -> int:
@@ -132,7 +182,7 @@ class SourceFilters(Section):
     """Row filters for argilla/distilabel-intel-orca-dpo-pairs."""
 
     exclude_status: list[str] = ["tie"]
-    min_chosen_score: float | None = 8.0
+    min_chosen_score: Float | None = 8.0
     exclude_in_gsm8k_train: bool = True
 
 
@@ -144,7 +194,7 @@ class DataSource(Section):
     split: str = "train"
     mode: Literal["verbatim", "canonical"] | None = None  # function_calling only; default verbatim
     max_rows: PositiveInt | None = None
-    weight: Annotated[float, Field(gt=0, le=100)] = 1.0
+    weight: Annotated[Float, Field(gt=0, le=100)] = 1.0
     filters: SourceFilters | None = None
     image_root: LocalPath | None = None  # llava only
     stage: Literal["sft", "dpo", "projector"] | None = None  # default from kind
@@ -157,16 +207,16 @@ class DataSource(Section):
 class Decontamination(Section):
     enabled: bool = True
     eval_sets: list[ModelRef] = []
-    ngram: Annotated[int, Field(ge=4, le=64)] = 13
+    ngram: Annotated[Int, Field(ge=4, le=64)] = 13
 
 
 class DataSection(Section):
     sources: Annotated[list[DataSource], Field(min_length=1)]
-    max_seq_len: Annotated[int, Field(ge=16)] = 4096
+    max_seq_len: Annotated[Int, Field(ge=16)] = 4096
     overlong: Literal["drop", "truncate"] = "drop"
     dedup: bool = True
     decontaminate: Decontamination = Decontamination()
-    val_fraction: Annotated[float, Field(ge=0, lt=0.5)] = 0.01
+    val_fraction: Annotated[Float, Field(ge=0, lt=0.5)] = 0.01
     num_proc: PositiveInt = 8
     resources: Resources = Resources(gpus_per_node=0, cpus_per_task=32, time="12:00:00")
 
@@ -174,7 +224,7 @@ class DataSection(Section):
 class LoraSection(Section):
     r: PositiveInt = 16
     alpha: PositiveInt = 32
-    dropout: Annotated[float, Field(ge=0, lt=1)] = 0.05
+    dropout: Annotated[Float, Field(ge=0, lt=1)] = 0.05
     target_modules: Literal["all-linear"] | Annotated[list[str], Field(min_length=1)] = "all-linear"
     # New chat tokens must learn their embeddings even when the rest of the embedding matrix is frozen.
     train_new_tokens: bool = True
@@ -187,8 +237,8 @@ class Optimization(Section):
     lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup", "cosine_with_min_lr"] = (
         "cosine"
     )
-    warmup_ratio: Annotated[float, Field(ge=0, lt=1)] = 0.03
-    num_epochs: Annotated[float, Field(gt=0, le=100)] = 1.0
+    warmup_ratio: Annotated[Float, Field(ge=0, lt=1)] = 0.03
+    num_epochs: Annotated[Float, Field(gt=0, le=100)] = 1.0
     max_steps: PositiveInt | None = None
     micro_batch_size: PositiveInt = 1
     gradient_accumulation_steps: PositiveInt = 1
@@ -197,8 +247,8 @@ class Optimization(Section):
     optimizer: Literal["adamw_torch", "adamw_torch_fused", "adamw_bnb_8bit", "paged_adamw_8bit"] = (
         "adamw_torch"
     )
-    weight_decay: Annotated[float, Field(ge=0, lt=1)] = 0.0
-    max_grad_norm: Annotated[float, Field(gt=0)] = 1.0
+    weight_decay: Annotated[Float, Field(ge=0, lt=1)] = 0.0
+    max_grad_norm: Annotated[Float, Field(gt=0)] = 1.0
     deepspeed: LocalPath | None = None
     save_steps: PositiveInt = 500
     save_total_limit: PositiveInt = 2
@@ -224,7 +274,7 @@ class SftStage(TrainStage):
 class DpoStage(TrainStage):
     init_from: StartingPoint = "sft"
     learning_rate: LearningRate = 5e-7
-    beta: Annotated[float, Field(gt=0, le=10)] = 0.1
+    beta: Annotated[Float, Field(gt=0, le=10)] = 0.1
     loss_type: DPO_LOSS_TYPES = "sigmoid"
     precompute_ref_log_probs: bool = False
 
@@ -261,9 +311,9 @@ class PackageSection(Section):
     license: str = "apache-2.0"
     # generation_config.json: what transformers and servers use when a request sets nothing. The defaults
     # are the Hermes 2 cards' inference example (temperature 0.8, repetition penalty 1.1, no nucleus cut).
-    temperature: Annotated[float, Field(gt=0, le=2)] = 0.8
-    top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
-    repetition_penalty: Annotated[float, Field(ge=1, le=2)] = 1.1
+    temperature: Annotated[Float, Field(gt=0, le=2)] = 0.8
+    top_p: Annotated[Float, Field(gt=0, le=1)] = 1.0
+    repetition_penalty: Annotated[Float, Field(ge=1, le=2)] = 1.1
 
 
 class ExportSection(Section):
@@ -281,7 +331,7 @@ class EvalSection(Section):
     endpoint: str | None = None  # for backend openai
     function_calling_sets: list[ModelRef] = ["NousResearch/func-calling-eval"]
     json_mode_set: ModelRef = "NousResearch/json-mode-eval"
-    temperature: Annotated[float, Field(ge=0, le=2)] = 0.1
+    temperature: Annotated[Float, Field(ge=0, le=2)] = 0.1
     max_new_tokens: PositiveInt = 512
     batch_size: PositiveInt = 8  # prompts per generation batch, requests in flight, lm-eval batch size
     limit: PositiveInt | None = None  # the first N rows of each set (of each task, for lm-eval suites)
@@ -293,7 +343,7 @@ class VisionSection(Section):
 
     tower: ModelRef
     projector: Literal["linear", "mlp2x_gelu"] = "mlp2x_gelu"
-    select_layer: int = -2
+    select_layer: Int = -2
     image_aspect_ratio: Literal["pad", "square"] = "pad"
     # Stage 1 trains the projector alone on image-caption pairs; the LLM and the tower stay frozen.
     projector_pretrain: Optimization
@@ -311,10 +361,10 @@ class ClusterSection(Section):
 
 
 class Recipe(Section):
-    name: Annotated[str, Field(pattern=r"^[\w.-]+$")]
+    name: RunName
     description: str = ""
-    seed: Annotated[int, Field(ge=0)] = 42
-    run_dir: str | None = None  # default: runs/<name>
+    seed: Annotated[Int, Field(ge=0, le=2**32 - 1)] = 42  # numpy's seeds are 32-bit
+    run_dir: RunDir | None = None  # default: runs/<name>
     model: ModelSection
     tokenizer: TokenizerSection = TokenizerSection()
     data: DataSection
