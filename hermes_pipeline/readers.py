@@ -15,6 +15,7 @@ import codecs
 import itertools
 import json
 import re
+import sys
 from collections.abc import Generator, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +44,10 @@ _ESCAPED_BYTE = re.compile("[\udc80-\udcff]")
 _INCOMPLETE_MARGIN = 32
 # A number decoded from "12" may be the start of "12.5e3": it is complete only once other text follows.
 _NUMBER_CHARS = re.compile(r"[0-9.eE+-]*")
+# What the bracket count of `_JsonText.extent` looks at: a bracket or the start of a string; inside a string,
+# an escape (skipped whole, so an escaped quote does not end it) or its end.
+_BRACKET_OR_QUOTE = re.compile(r'[\[\]{}"]')
+_ESCAPE_OR_QUOTE = re.compile(r'\\.|"', re.DOTALL)
 _DECODER = json.JSONDecoder()
 
 Row = tuple[dict[str, Any] | None, str | None]
@@ -98,8 +103,8 @@ def _object_row(value: Any) -> Row:
     return (value, None) if isinstance(value, dict) else (None, NOT_AN_OBJECT)
 
 
-def _reason(error: Exception) -> str:
-    detail = error.msg if isinstance(error, json.JSONDecodeError) else str(error)
+def _reason(error: ValueError | RecursionError) -> str:
+    detail = error.msg if isinstance(error, json.JSONDecodeError) else _decoder_refusal(error)
     return f"invalid JSON: {detail}"
 
 
@@ -147,10 +152,19 @@ def _json_line_row(line: bytes) -> Row:
 class _Undecodable(Exception):
     """The text at the mark is not a JSON value, for certain: more input would not help."""
 
-    def __init__(self, reason: str, at: int):
+    def __init__(self, reason: str, at: int, whole: bool = False):
         super().__init__(reason)
         self.reason = reason
         self.at = at  # where decoding failed, relative to the mark
+        # The decoder refused the value as a whole (too deep, a number too long): ``at`` is then where the
+        # value ends (0 when it never closes), since the decoder does not say where inside it failed.
+        self.whole = whole
+
+    def value_end(self, text: _JsonText) -> int | None:
+        """Where a wholly refused value ends when an element bound("," or "]") follows it, else None."""
+        if self.whole and self.at and text.peek(self.at)[0] in (",", "]", ""):
+            return self.at
+        return None
 
 
 class _JsonText:
@@ -213,11 +227,49 @@ class _JsonText:
                 if self.eof or not self._may_continue(error):
                     raise _Undecodable(error.msg, error.pos - self._mark) from None
             except (ValueError, RecursionError) as error:  # e.g. an integer too long, nesting too deep
-                raise _Undecodable(str(error), 0) from None
+                # The decoder does not say where: the whole value failed, so resynchronising starts after it.
+                raise _Undecodable(_decoder_refusal(error), self.extent(), whole=True) from None
             else:
                 if self.eof or _NUMBER_CHARS.match(self._text, end).end() < len(self._text):
                     return value, end - self._mark
             self._refill(at_least=len(self._text) - self._mark)
+
+    def extent(self) -> int:
+        """The length of the bracketed value at the mark, found by counting brackets outside strings: no
+        recursion, so any depth. 0 when the value is not bracketed or the file ends before it closes."""
+        if self.peek()[0] not in ("[", "{"):
+            return 0
+        depth, at = 0, 0
+        while True:
+            found = _BRACKET_OR_QUOTE.search(self._text, self._mark + at)
+            if found is None:
+                if not self._refill(at_least=len(self._text) - self._mark):
+                    return 0
+                continue
+            at = found.end() - self._mark
+            if found.group() == '"':
+                if (string_end := self._string_end(at)) is None:
+                    return 0
+                at = string_end
+            elif found.group() in "[{":
+                depth += 1
+            else:
+                depth -= 1
+                if depth == 0:
+                    return at
+
+    def _string_end(self, at: int) -> int | None:
+        """The position just after the closing quote of a string whose text starts at `at`; None at end
+        of file. An escape is matched whole, so an escaped quote does not end the string."""
+        while True:
+            found = _ESCAPE_OR_QUOTE.search(self._text, self._mark + at)
+            if found is None:
+                if not self._refill(at_least=len(self._text) - self._mark):
+                    return None
+                continue
+            at = found.end() - self._mark
+            if found.group() == '"':
+                return at
 
     def has_escaped_bytes(self, length: int) -> bool:
         """Whether the `length` characters from the mark came from invalid UTF-8."""
@@ -255,6 +307,13 @@ class _JsonText:
         return text
 
 
+def _decoder_refusal(error: ValueError | RecursionError) -> str:
+    """Why the decoder refused a value, in terms of the row rather than of Python's internals."""
+    if isinstance(error, RecursionError):
+        return f"nested more than about {sys.getrecursionlimit()} levels deep"
+    return str(error).split(";")[0]  # Python's digit limit goes on to name an interpreter setting
+
+
 def _json_array_rows(path: Path, chunk_size: int) -> Iterator[Row]:
     """The elements of one JSON array, streamed, with recovery from broken regions.
 
@@ -287,12 +346,15 @@ def _array_elements(text: _JsonText) -> Iterator[Row]:
         text.advance(at)
         try:
             value, length = text.decode()
+            row = (None, INVALID_UTF8) if text.has_escaped_bytes(length) else _object_row(value)
         except _Undecodable as failure:
-            found_next = yield from _skip_broken_region(text, failure)
-            if not found_next:
-                return
-            continue
-        yield (None, INVALID_UTF8) if text.has_escaped_bytes(length) else _object_row(value)
+            if (end := failure.value_end(text)) is None:
+                found_next = yield from _skip_broken_region(text, failure)
+                if not found_next:
+                    return
+                continue
+            row, length = (None, f"invalid JSON: {failure.reason}"), end  # one row, and the next is intact
+        yield row
         char, at = text.peek(length)
         text.advance(at)
         if char == ",":
@@ -321,8 +383,11 @@ def _skip_broken_region(text: _JsonText, failure: _Undecodable) -> Generator[Row
         search_from = 1
         try:
             value, length = text.decode()
-        except _Undecodable:
-            continue
+        except _Undecodable as refused:
+            # A row the decoder refuses whole is still a row: stop on it, and the caller rejects it alone.
+            if (end := refused.value_end(text)) is None or text.offset + end <= failed_at:
+                continue
+            value, length = {}, end
         reaches_past = text.offset + length > failed_at
         if isinstance(value, dict) and reaches_past and text.peek(length)[0] in (",", "]", ""):
             if text.offset > start:

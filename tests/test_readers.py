@@ -322,3 +322,38 @@ def test_bad_json_lines(tmp_path: Path) -> None:
         (5, ROW_C, None),
         (6, None, TRUNCATED),
     ]
+
+
+@pytest.mark.parametrize("chunk_size", CHUNK_SIZES)
+@pytest.mark.parametrize(
+    "spoiler",
+    [
+        # deeper than the decoder recurses, with complete objects inside that a resync could stop on
+        b'{"x": ' + b'[{"y": 1}, ' * 3000 + b"0" + b"]" * 3000 + b"}",
+        # an integer past Python's 4,300-digit limit inside a row with nested objects
+        b'{"conversations": [{"from": "human", "value": "hi"}, {"n": ' + b"9" * 5000 + b"}]}",
+        # brackets and escaped quotes inside strings do not count as nesting
+        b'{"s": "]} \\" {[", "x": ' + b"[" * 3000 + b'"]]\\"}"' + b"]" * 3000 + b"}",
+    ],
+    ids=["too-deep", "integer-too-long", "brackets-in-strings"],
+)
+def test_a_row_the_decoder_refuses_is_one_reject_and_the_rows_after_it_are_read(
+    tmp_path: Path, chunk_size: int, spoiler: bytes
+) -> None:
+    got = array_records(array_of(A, spoiler, C, A), tmp_path, chunk_size)
+    assert [(index, data) for index, data, _ in got] == [(0, ROW_A), (1, None), (2, ROW_C), (3, ROW_A)]
+    assert got[1][2].startswith("invalid JSON: ")
+
+
+def test_refusals_name_the_row_problem_not_python_internals(tmp_path: Path) -> None:
+    deep = b'{"x": ' + b"[" * 5000 + b"]" * 5000 + b"}"
+    long_number = b'{"n": ' + b"9" * 5000 + b"}"
+    for data in (array_of(deep, long_number, A), b"\n".join((deep, long_number, A)) + b"\n"):
+        path = tmp_path / ("rows.json" if data.startswith(b"[") else "rows.jsonl")
+        path.write_bytes(data)
+        got = records(path)
+        assert got[0][2].startswith("invalid JSON: nested more than about ")
+        assert got[1][2] == (
+            "invalid JSON: Exceeds the limit (4300 digits) for integer string conversion: value has 5000 digits"
+        )
+        assert got[2] == (2, ROW_A, None)
