@@ -56,11 +56,36 @@ def write_resolved_recipe(recipe: Recipe, recipe_hash: str) -> Path:
 
 
 def is_complete(directory: Path, fingerprint: str, inputs: dict[str, str]) -> bool:
-    manifest = directory / MANIFEST
-    if not manifest.is_file():
-        return False
-    recorded = json.loads(manifest.read_text(encoding="utf-8"))
-    return recorded.get("fingerprint") == fingerprint and recorded.get("inputs") == inputs
+    """Whether the stage in ``directory`` finished for exactly this fingerprint and these inputs, and its
+    outputs are still whole (``output_damage``)."""
+    recorded = _manifest(directory)
+    return (
+        recorded.get("fingerprint") == fingerprint
+        and recorded.get("inputs") == inputs
+        and output_damage(directory) is None
+    )
+
+
+def output_damage(directory: Path) -> str | None:
+    """What is wrong with a finished stage's outputs, or None: every file the manifest lists must still have
+    the size it was written with (a truncated shard, a deleted file). Sizes, not hashes: this runs on every
+    start of every stage, and reading a 16 GB model again each time would cost minutes."""
+    for name, size in _manifest(directory).get("sizes", {}).items():
+        path = directory / name
+        if not path.is_file():
+            return f"{path} is missing"
+        if path.stat().st_size != size:
+            return f"{path} has {path.stat().st_size} bytes where {size} were written"
+    return None
+
+
+def _manifest(directory: Path) -> dict[str, Any]:
+    """The stage's manifest, or {} when it has none (not finished) or it is unreadable (cut off)."""
+    try:
+        recorded = json.loads((directory / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return recorded if isinstance(recorded, dict) else {}
 
 
 @contextmanager
@@ -90,15 +115,16 @@ def write_manifest(
 
     ``skip`` names top-level folders that are working state rather than output (checkpoints, caches).
     """
-    outputs = {
-        str(p.relative_to(directory)): file_fingerprint(p)
+    files = [
+        p
         for p in sorted(directory.rglob("*"))
         if p.is_file() and p.name != MANIFEST and p.relative_to(directory).parts[0] not in skip
-    }
+    ]
     manifest = {
         "fingerprint": fingerprint,
         "inputs": inputs,
-        "outputs": outputs,
+        "outputs": {str(p.relative_to(directory)): file_fingerprint(p) for p in files},
+        "sizes": {str(p.relative_to(directory)): p.stat().st_size for p in files},
         "libraries": _library_versions(),
         "wall_time_s": round(time.time() - started, 2),
         **(extra or {}),

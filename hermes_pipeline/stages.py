@@ -23,7 +23,7 @@ from typing import Any
 from hermes_pipeline.locks import stage_lock
 from hermes_pipeline.recipe.checks import training_stages
 from hermes_pipeline.recipe.schema import Recipe, Resources
-from hermes_pipeline.rundir import is_complete, run_dir, staged_output, write_manifest
+from hermes_pipeline.rundir import is_complete, output_damage, run_dir, staged_output, write_manifest
 
 # Recipe keys that change no stage's output, wherever they appear: how big and how long the jobs are.
 NOT_OUTPUT = frozenset({"resources"})
@@ -264,6 +264,8 @@ def run_stage(
         if not force and is_complete(folder, fingerprint, inputs):
             log(f"{kind}: {folder} is up to date; skipped (--force to redo)")
             return False
+        if (damage := output_damage(folder)) is not None:
+            log(f"{kind}: {damage}; redoing the stage")
         started = time.time()
         with staged_output(folder) as partial:
             extra = body(partial)

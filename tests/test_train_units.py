@@ -17,7 +17,14 @@ from hermes_pipeline.recipe.loader import load_recipe
 from hermes_pipeline.recipe.schema import Resources
 from hermes_pipeline.tiny import build_tiny_model, load_tiny_tokenizer, tiny_model_config
 from hermes_pipeline.train.callbacks import MetricsLog
-from hermes_pipeline.train.checkpoints import SEAL, latest_complete, remove_incomplete
+from hermes_pipeline.train.checkpoints import (
+    SEAL,
+    TRAINER_STATE,
+    checkpoints,
+    latest_complete,
+    remove_unusable,
+    seal,
+)
 from hermes_pipeline.train.launch import configure_devices, relaunch_command
 from hermes_pipeline.train.tracking import configure_wandb, wandb_mode
 
@@ -56,18 +63,31 @@ def test_stop_tokens_are_im_end_everywhere_and_pad_is_not_eos() -> None:
 def _checkpoint(folder: Path, step: int, sealed: bool) -> Path:
     path = folder / f"checkpoint-{step}"
     path.mkdir(parents=True)
+    (path / "model.safetensors").write_bytes(b"w" * 64)
+    (path / TRAINER_STATE).write_text(json.dumps({"global_step": step}))
     if sealed:
-        (path / SEAL).write_text(str(step))
+        seal(path, step)
     return path
 
 
-def test_only_sealed_checkpoints_are_resumed_and_cut_off_ones_are_removed(tmp_path: Path) -> None:
-    _checkpoint(tmp_path, 5, sealed=True)
-    newest = _checkpoint(tmp_path, 10, sealed=True)
-    cut_off = _checkpoint(tmp_path, 15, sealed=False)
+def test_only_sound_sealed_checkpoints_are_resumed_and_the_others_are_removed(tmp_path: Path) -> None:
+    old_seal = _checkpoint(tmp_path, 5, sealed=False)
+    (old_seal / SEAL).write_text("5\n")  # a seal from before seals listed sizes: still resumable
+    sound = _checkpoint(tmp_path, 10, sealed=True)
+    truncated = _checkpoint(tmp_path, 15, sealed=True)
+    with (truncated / "model.safetensors").open("r+b") as shard:
+        shard.truncate(10)
+    stateless = _checkpoint(tmp_path, 20, sealed=True)
+    (stateless / TRAINER_STATE).unlink()
+    cut_off = _checkpoint(tmp_path, 25, sealed=False)
     (tmp_path / "checkpoint-notes").mkdir()
-    assert latest_complete(tmp_path) == newest
-    assert remove_incomplete(tmp_path) == [cut_off] and not cut_off.exists()
+    assert remove_unusable(tmp_path) == [
+        (truncated, "model.safetensors has 10 bytes where 64 were sealed"),
+        (stateless, f"{TRAINER_STATE} is missing"),
+        (cut_off, "cut off before it was complete"),
+    ]
+    assert [p.name for p in checkpoints(tmp_path)] == ["checkpoint-5", "checkpoint-10"]
+    assert latest_complete(tmp_path) == sound
     assert latest_complete(tmp_path / "missing") is None
 
 

@@ -18,7 +18,7 @@ from transformers import (
 )
 
 from hermes_pipeline.chat_format.tokens import save_tokenizer
-from hermes_pipeline.train.checkpoints import SEAL
+from hermes_pipeline.train.checkpoints import seal
 from hermes_pipeline.train.launch import barrier
 
 # SLURM sends USR1 ahead of the time limit when asked (--signal=B:USR1@300); TERM comes with preemption.
@@ -38,7 +38,7 @@ class SealCheckpoints(TrainerCallback):
         if state.is_world_process_zero:
             folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             save_tokenizer(self.tokenizer, folder)
-            (folder / SEAL).write_text(f"{state.global_step}\n", encoding="utf-8")
+            seal(folder, state.global_step)
         barrier()
 
 

@@ -2,18 +2,50 @@
 
 transformers' Trainer writes ``checkpoint-N`` folders in place, so a job killed mid-save leaves a folder
 that looks like a checkpoint but is not one. ``SealCheckpoints`` (callbacks.py) drops a ``COMPLETE`` file
-into a checkpoint once everything in it is on disk; only sealed checkpoints are ever resumed from, and
-unsealed ones are removed before training restarts so the Trainer's rotation never keeps them instead.
+into a checkpoint once everything in it is on disk, listing every file's size; only sealed checkpoints
+whose files still have those sizes, and whose trainer state reads, are resumed from. The others (cut off
+mid-write, or damaged since: a truncated shard, a lost trainer state) are removed before training restarts,
+so the Trainer's rotation never keeps them instead and the resume falls back to the sealed one before.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from pathlib import Path
 
 SEAL = "COMPLETE"
+TRAINER_STATE = "trainer_state.json"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+
+
+def seal(folder: Path, step: int) -> None:
+    """Mark ``folder`` complete: its step and the size of every file in it, written last."""
+    sizes = {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()}
+    partial = folder / f"{SEAL}.partial"
+    partial.write_text(json.dumps({"step": step, "sizes": sizes}) + "\n", encoding="utf-8")
+    partial.rename(folder / SEAL)
+
+
+def damage(folder: Path) -> str | None:
+    """Why a sealed checkpoint cannot be resumed from, or None when it can."""
+    try:
+        sealed = json.loads((folder / SEAL).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return "its seal is unreadable"
+    # A seal holding only the step number was written before seals listed sizes.
+    for name, size in (sealed.get("sizes", {}) if isinstance(sealed, dict) else {}).items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} has {path.stat().st_size} bytes where {size} were sealed"
+    try:
+        json.loads((folder / TRAINER_STATE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return f"{TRAINER_STATE} is missing or unreadable"
+    return None
 
 
 def checkpoint_step(path: Path) -> int | None:
@@ -34,9 +66,12 @@ def latest_complete(folder: Path) -> Path | None:
     return sealed[-1] if sealed else None
 
 
-def remove_incomplete(folder: Path) -> list[Path]:
-    """Delete checkpoints that were cut off mid-write; returns what was removed."""
-    removed = [p for p in checkpoints(folder) if not (p / SEAL).is_file()]
-    for path in removed:
-        shutil.rmtree(path)
+def remove_unusable(folder: Path) -> list[tuple[Path, str]]:
+    """Delete checkpoints cut off mid-write or damaged since they were sealed; returns each with why."""
+    removed = []
+    for path in checkpoints(folder):
+        reason = "cut off before it was complete" if not (path / SEAL).is_file() else damage(path)
+        if reason is not None:
+            shutil.rmtree(path)
+            removed.append((path, reason))
     return removed

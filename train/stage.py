@@ -30,12 +30,13 @@ from hermes_pipeline.rundir import (
     MANIFEST,
     file_fingerprint,
     is_complete,
+    output_damage,
     stage_dir,
     write_manifest,
 )
 from hermes_pipeline.stages import stage_fingerprint
 from hermes_pipeline.train.callbacks import MetricsLog, SealCheckpoints, StopOnSignal
-from hermes_pipeline.train.checkpoints import checkpoint_step, checkpoints, latest_complete, remove_incomplete
+from hermes_pipeline.train.checkpoints import checkpoint_step, checkpoints, latest_complete, remove_unusable
 from hermes_pipeline.train.data import load_split
 from hermes_pipeline.train.launch import barrier, is_main_process, launched
 from hermes_pipeline.train.model import lora_config, record_adapter_base, starting_point, upstream_manifest
@@ -93,6 +94,8 @@ def _run_train(recipe: Recipe, name: StageName, force: bool, log: Any) -> Path:
     if not force and is_complete(out, fingerprint, inputs):
         log(f"{name}: up to date in {out} (use --force to redo)")
         return out
+    if (damage := output_damage(out)) is not None:
+        log(f"{name}: {damage}; training again from the newest sound checkpoint")
     started = time.time()
     checkpoint_dir = out / "checkpoints"
     args = training_args(recipe, name)
@@ -110,9 +113,8 @@ def _run_train(recipe: Recipe, name: StageName, force: bool, log: Any) -> Path:
     train_set, val_set = trainer.train_dataset, trainer.eval_dataset
 
     if args.process_index == 0:
-        removed = remove_incomplete(checkpoint_dir)
-        for folder in removed:
-            log(f"{name}: removed {folder.name}, cut off before it was complete")
+        for folder, reason in remove_unusable(checkpoint_dir):
+            log(f"{name}: removed {folder.name}: {reason}")
     barrier()
     resume = latest_complete(checkpoint_dir)
     if resume is not None:
@@ -152,7 +154,12 @@ def _run_train(recipe: Recipe, name: StageName, force: bool, log: Any) -> Path:
         )
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
         write_manifest(
-            out, fingerprint, inputs, started, extra={"summary": summary}, skip=("checkpoints", "cache")
+            out,
+            fingerprint,
+            inputs,
+            started,
+            extra={"summary": summary},
+            skip=("checkpoints", "cache", "wandb"),
         )
         log(_format_summary(name, summary))
     barrier()

@@ -1,5 +1,6 @@
-"""Two commands on one stage: the second stops in one line naming the holder, and a dead holder's lock is
-free again at once (the kernel drops it), so a kill or a requeue never leaves a lock to clear by hand."""
+"""A stage's place in the run directory. Two commands on one stage: the second stops in one line naming
+the holder, and a dead holder's lock is free again at once (the kernel drops it), so a kill or a requeue
+never leaves a lock to clear by hand. A finished stage whose outputs were damaged since is done again."""
 
 from __future__ import annotations
 
@@ -90,3 +91,28 @@ def test_a_second_command_on_a_busy_stage_is_one_line(
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "another command is writing this stage (PID" in lines[0], result.stderr
     assert not folder.exists() and not folder.with_name(folder.name + ".partial").exists()
+
+
+def test_a_finished_stage_with_a_damaged_output_is_done_again(tmp_path: Path) -> None:
+    recipe = load_recipe(write_recipe(tmp_path, small_recipe_dict(tmp_path / "run")))
+    folder = stage_dir(recipe, "final")
+    runs: list[str] = []
+
+    def body(partial: Path) -> None:
+        runs.append("ran")
+        (partial / "weights").write_bytes(b"w" * 100)
+
+    messages: list[str] = []
+    assert run_stage(recipe, "package", folder, {}, body, log=messages.append)
+    assert not run_stage(recipe, "package", folder, {}, body, log=messages.append)  # whole: skipped
+    with (folder / "weights").open("r+b") as weights:
+        weights.truncate(40)
+    assert run_stage(recipe, "package", folder, {}, body, log=messages.append)
+    assert (
+        messages[-1]
+        == f"package: {folder / 'weights'} has 40 bytes where 100 were written; redoing the stage"
+    )
+    (folder / "weights").unlink()
+    assert run_stage(recipe, "package", folder, {}, body, log=messages.append)
+    assert messages[-1] == f"package: {folder / 'weights'} is missing; redoing the stage"
+    assert len(runs) == 3 and (folder / "weights").stat().st_size == 100
