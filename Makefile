@@ -28,8 +28,10 @@ demo: $(INSTALLED)
 	$(BIN)/hermes-pipeline plan configs/recipes/tiny.yaml
 	$(BIN)/hermes-pipeline run configs/recipes/tiny.yaml
 
+# Two workers: much of the suite waits on process start-up, SLURM and llama-server rather than computing.
+# The tests that share the trained tiny run and the SLURM cluster stay on one worker (xdist_group).
 test: $(INSTALLED) lint
-	$(BIN)/pytest --durations=12
+	$(BIN)/pytest -n 2 --dist loadgroup --durations=12
 
 lint: $(INSTALLED)
 	$(BIN)/ruff check .

@@ -6,17 +6,17 @@ import json
 from pathlib import Path
 
 import pytest
-from train_support import ROOT, cli
+from tiny_run import TINY_RECIPE
+from train_support import cli
 
 from hermes_pipeline.merge.llama_server import free_port
 from hermes_pipeline.merge.serve import serve
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("tiny_run")]
 
 
-def test_tiny_recipe_runs_end_to_end_and_learns(tmp_path: Path) -> None:
-    run = tmp_path / "tiny"
-    cli("run", str(ROOT / "configs" / "recipes" / "tiny.yaml"), "--set", f"run_dir={run}")
+def test_tiny_recipe_runs_end_to_end_and_learns(tiny_run: Path) -> None:
+    run = tiny_run  # `hermes-pipeline run configs/recipes/tiny.yaml`, in a fresh process (tests/tiny_run.py)
     losses = [
         record["loss"]
         for line in (run / "sft" / "metrics.jsonl").read_text().splitlines()
@@ -36,7 +36,7 @@ def test_tiny_recipe_runs_end_to_end_and_learns(tmp_path: Path) -> None:
     assert "| dpo | function_calling |" in (run / "final" / "README.md").read_text()
     # A second run finds every stage done: nothing is written again.
     sealed = {path: path.read_bytes() for path in run.rglob("MANIFEST.json")}
-    cli("run", str(ROOT / "configs" / "recipes" / "tiny.yaml"), "--set", f"run_dir={run}")
+    cli("run", str(TINY_RECIPE), "--set", f"run_dir={run}")
     assert {path: path.read_bytes() for path in run.rglob("MANIFEST.json")} == sealed
     assert len(sealed) == 9  # prep, 3 evals, sft, dpo, final, gguf, card
     results = {

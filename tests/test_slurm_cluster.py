@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -12,7 +13,8 @@ from typing import Any
 
 import pytest
 from slurm_support import LocalCluster
-from train_support import ROOT, cli, small_recipe_dict, write_recipe
+from tiny_run import TINY_RECIPE
+from train_support import cli, small_recipe_dict, write_recipe
 
 from hermes_pipeline.recipe.loader import load_recipe
 from hermes_pipeline.slurm.status import ACTIVE_STATES, job_state
@@ -20,7 +22,7 @@ from hermes_pipeline.slurm.submit import SubmitRequest, submit
 from hermes_pipeline.stages import recipe_stages
 from hermes_pipeline.train.checkpoints import SEAL
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("tiny_run")]
 
 # Bounds for a hung job, not speed checks: the whole tiny recipe takes minutes on 2 idle cores, far longer
 # on a busy machine.
@@ -86,11 +88,19 @@ def _log(run: Path, stage: str, job_id: str) -> str:
     return (run / "logs" / f"{stage}-{job_id}.log").read_text(encoding="utf-8", errors="replace")
 
 
-def test_tiny_recipe_runs_end_to_end_as_chained_jobs(slurm_cluster: LocalCluster, tmp_path: Path) -> None:
+def test_tiny_recipe_runs_end_to_end_as_chained_jobs(
+    slurm_cluster: LocalCluster, tiny_run: Path, tmp_path: Path
+) -> None:
+    """Every stage of the tiny recipe is a job of one chain. The trained stages come from the session's
+    tiny run (export checks that the model stops at <|im_end|>, which a shorter training does not teach), so
+    their jobs find their work done; every stage after them runs in its job. Training under SLURM is
+    tested by the requeue and two-node tests."""
     run = tmp_path / "run"
-    recipe = ROOT / "configs/recipes/tiny.yaml"
-    # Trained as `make demo` trains it: export checks that the model stops at <|im_end|>, which a shorter
-    # run does not learn. The recipe leaves merge.resources at the 16-CPU default; the test node has 2.
+    trained = ("prep", "sft", "dpo")
+    for stage in trained:
+        shutil.copytree(tiny_run / stage, run / stage)
+    recipe = TINY_RECIPE
+    # The recipe leaves merge.resources at the 16-CPU default; the test node has 2.
     overrides = [
         f"run_dir={run}",
         "merge.resources={nodes: 1, gpus_per_node: 0, cpus_per_task: 2, time: '00:30:00'}",
@@ -106,6 +116,9 @@ def test_tiny_recipe_runs_end_to_end_as_chained_jobs(slurm_cluster: LocalCluster
     assert [r["name"] for r in records] == list(jobs)
     for record in records:
         assert (Path(record["folder"]) / "MANIFEST.json").is_file(), record["name"]
+    for stage in trained:
+        assert "up to date" in _log(run, stage, jobs[stage]), f"{stage} should have found its work done"
+    assert "up to date" not in _log(run, "package", jobs["package"])
     assert (run / "final" / "config.json").is_file()
     assert "| dpo | function_calling |" in (run / "final" / "README.md").read_text()  # the card saw the evals
     assert list((run / "gguf").rglob("*.gguf"))
