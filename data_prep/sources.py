@@ -378,20 +378,30 @@ def _parses_as_json(text: str) -> bool:
 
 
 def _checked_image(image: Any, source: DataSource) -> str:
-    """The image's absolute path: relative paths are relative to ``image_root``, absolute ones stay.
+    """The image's absolute path, inside ``image_root``: relative paths are relative to it, and an absolute
+    path, a ``..`` or a symlink that leads out of it is rejected before the file is looked at, with one
+    reason whether or not the file exists, so data cannot make prep read (or probe) files elsewhere.
 
     The file must exist and pass Pillow's verify (a cheap integrity check that does not decode pixels), so
     a broken file is rejected here rather than crashing a training step hours later.
     """
-    if not isinstance(image, str) or not image.strip():
+    if not isinstance(image, str) or not image.strip() or "\0" in image:
         raise Reject("invalid image path")
-    path = Path(image)
-    if not path.is_absolute():
-        if source.image_root is None:
-            raise UserError(f"data source {source.name!r} has relative image paths: set its image_root")
-        path = Path(source.image_root) / path
-    path = Path(os.path.normpath(path))
-    if not os.path.isfile(path):
+    if source.image_root is None:
+        raise UserError(
+            f"data source {source.name!r} has image paths: set its image_root, the folder they are in"
+        )
+    root = Path(source.image_root).resolve()
+    if root not in Path(os.path.normpath(root / image)).parents:
+        raise Reject("image path outside image_root")
+    try:
+        path = (root / image).resolve()  # symlinks followed: one inside the root may point out of it
+        found = path.is_file()
+    except OSError:  # a name too long for the filesystem, a symlink loop
+        raise Reject("missing image") from None
+    if root not in path.parents:
+        raise Reject("image path outside image_root")
+    if not found:
         raise Reject("missing image")
     try:
         with Image.open(path) as opened:

@@ -417,8 +417,13 @@ HOSTILE: list[tuple[str, str | bytes, str]] = [
 ]  # fmt: skip
 
 
+# What counts as a hang (an alias bomb ran for minutes), not a speed check: on an idle machine each of these
+# answers in 0.2 to 0.7 s, but a test suite on busy cores must not fail on time alone.
+HANG_S = 10
+
+
 @pytest.mark.parametrize(("case", "contents", "words"), HOSTILE, ids=[h[0] for h in HOSTILE])
-def test_hostile_recipe_ends_in_one_line_within_a_second(
+def test_hostile_recipe_ends_in_one_line_without_hanging(
     case: str,
     contents: str | bytes,
     words: str,
@@ -436,7 +441,7 @@ def test_hostile_recipe_ends_in_one_line_within_a_second(
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith(str(path)) and words in err, err[:500]
     assert len(err) < 400
-    assert elapsed < 1
+    assert elapsed < HANG_S
     assert list(work.iterdir()) == []
 
 
@@ -613,7 +618,7 @@ def _load(path: Path, overrides: list[str]) -> tuple[list[str], float]:
 def test_hundreds_of_hostile_recipes_end_in_a_few_short_lines(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Random ways to break tiny.yaml: each is valid or refused in at most 21 short lines, within a second,
+    """Random ways to break tiny.yaml: each is valid or refused in at most 21 short lines, without hanging,
     writing nothing; a few are run through the command line too, where no traceback may show."""
     work = tmp_path / "work"
     work.mkdir()
@@ -626,7 +631,7 @@ def test_hundreds_of_hostile_recipes_end_in_a_few_short_lines(
         path = _write(tmp_path, data)
         lines, seconds = _load(path, overrides)
         assert len(lines) <= 21 and all(len(line) < 700 and "\n" not in line for line in lines), lines
-        assert seconds < 1, (seconds, data[:200], overrides)
+        assert seconds < HANG_S, (seconds, data[:200], overrides)
         if lines and not overrides:
             refused.append(data)
     assert 150 < len(refused) < 300 and list(work.iterdir()) == []
@@ -639,6 +644,6 @@ def test_hundreds_of_hostile_recipes_end_in_a_few_short_lines(
             text=True,
             timeout=30,
         )
-        assert time.perf_counter() - started < 2  # the interpreter's start included
+        assert time.perf_counter() - started < HANG_S
         assert result.returncode == 2 and "Traceback" not in result.stderr
         assert 1 <= len(result.stderr.splitlines()) <= 21 and list(work.iterdir()) == []

@@ -486,14 +486,34 @@ def test_llava_missing_and_corrupt_images() -> None:
     assert reason("llava", fixture("llava", "corrupt-file")) == "corrupt image"
 
 
-def test_llava_absolute_path_is_kept(tmp_path: Path) -> None:
-    image = tmp_path / "elsewhere.png"
-    Image.new("RGB", (4, 4), "white").save(image)
-    data = {**fixture("llava", "000000052846"), "image": str(image)}
-    assert run("llava", data)["images"] == [str(image)]
+def test_llava_absolute_path_inside_the_image_root_is_kept() -> None:
+    data = {**fixture("llava", "000000052846"), "image": str(IMAGES / "red.png")}
+    assert run("llava", data)["images"] == [str(IMAGES / "red.png")]
 
 
-def test_llava_relative_path_needs_an_image_root() -> None:
+def test_llava_paths_never_leave_the_image_root(tmp_path: Path) -> None:
+    """One reason for every path outside the root, whether the file exists or not: rows cannot probe."""
+    outside = tmp_path / "elsewhere.png"
+    Image.new("RGB", (4, 4), "white").save(outside)
+    for image in (
+        str(outside),
+        str(tmp_path / "absent.png"),
+        "../fixtures.png",
+        "nested/../../x.png",
+        "/etc/passwd",
+    ):
+        assert (
+            reason("llava", {**fixture("llava", "000000052846"), "image": image})
+            == "image path outside image_root"
+        )
+    link = tmp_path / "root" / "link.png"
+    link.parent.mkdir()
+    link.symlink_to(outside)
+    data = {**fixture("llava", "000000052846"), "image": "link.png"}
+    assert reason("llava", data, image_root=str(link.parent)) == "image path outside image_root"
+
+
+def test_llava_image_paths_need_an_image_root() -> None:
     llava = DataSource(name="vision", kind="llava", path="org/data")
     with pytest.raises(UserError, match="image_root"):
         convert(fixture("llava", "000000033471"), "r", llava)
@@ -754,7 +774,7 @@ MALFORMED = [
     ("llava", {"image": "red.png"}, "conversations is missing or not a list"),
     ("llava", {**sharegpt(("human", "<image>\nhi"), ("gpt", "b")), "image": 5}, "invalid image path"),
     ("llava", {**sharegpt(("human", "<image>\nhi"), ("gpt", "b")), "image": ""}, "invalid image path"),
-    ("llava", {**sharegpt(("human", "<image>\nhi"), ("gpt", "b")), "image": "red\x00.png"}, "missing image"),
+    ("llava", {**sharegpt(("human", "<image>\nhi"), ("gpt", "b")), "image": "red\x00.png"}, "invalid image path"),
     ("llava", {**sharegpt(("human", "<image>\nhi"), ("gpt", "b")), "image": "x" * 5000}, "missing image"),
     ("llava", {**sharegpt(("human", "<image>\nhi"), ("gpt", "b")), "image": "nested"}, "missing image"),
     ("llava", {**sharegpt(("gpt", "<image>\nhi")), "image": "red.png"}, "no user turn for the image"),
