@@ -297,10 +297,11 @@ def _prep_source(
 
 def _mixture_reason(recipe: Recipe, source: DataSource, outcome: Outcome, seen: dict[int, str]) -> str | None:
     assert outcome.row is not None
-    key = dedup_key(outcome.row)
-    if key in seen:
-        return f"duplicate of a row in {seen[key]}"
-    seen[key] = source.name
+    if recipe.data.dedup:
+        key = dedup_key(outcome.row)
+        if key in seen:
+            return f"duplicate of a row in {seen[key]}"
+        seen[key] = source.name
     if _copies(recipe.seed, source, outcome.row_id) == 0:
         return "sampled out by weight"
     return None

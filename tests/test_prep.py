@@ -182,6 +182,12 @@ def test_duplicates_across_sources_are_rejected(tmp_path: Path) -> None:
     assert stats["rejects_by_reason"] == {"duplicate of a row in orca": report["sources"]["orca"]["rows_out"]}
 
 
+def test_dedup_false_keeps_duplicates(tmp_path: Path) -> None:
+    again = {"name": "orca_again", "kind": "orca_dpo_pairs", "path": "orca_dpo_pairs.jsonl"}
+    _, report = prep(write_recipe(tmp_path, [TEXT_SOURCES[0], TEXT_SOURCES[4], again], data={"dedup": False}))
+    assert report["sources"]["orca_again"]["rows_out"] == report["sources"]["orca"]["rows_out"] > 0
+
+
 def test_decontamination_by_exact_match_and_ngram(tmp_path: Path) -> None:
     rows_in = [r.data for r in iter_records(str(FIXTURES / "orca_dpo_pairs.jsonl"))]
     exact = rows_in[0]["question"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 import types
 import typing
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -151,3 +152,30 @@ def test_a_stage_package_imports_the_core_never_another_stage(package: str) -> N
             names = [alias.name for alias in node.names] if isinstance(node, ast.Import) else [module or ""]
             found += [f"{path.name}: {name}" for name in names if any(name.startswith(o) for o in others)]
     assert found == []
+
+
+def _attributes_read(files: list[Path]) -> set[str]:
+    """Every attribute name the code in ``files`` reads (``x.name``), from its syntax tree."""
+    return {
+        node.attr
+        for path in files
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+        if isinstance(node, ast.Attribute)
+    }
+
+
+def test_every_key_is_read_by_some_code_outside_the_recipe_package() -> None:
+    """A key the schema accepts and no code reads is an option silently ignored (``data.dedup: false``
+    deduplicated all the same). The recipe package itself (schema, checks) does not count: validating a
+    key is not acting on it. Keys are matched by their last name, so this catches a key nothing reads at
+    all; which stage reads it is the fingerprint tests' business."""
+    recipe_package = ROOT / "hermes_pipeline" / "recipe"
+    files = [
+        path
+        for folder in ("hermes_pipeline", *STAGE_PACKAGES)
+        for path in (ROOT / folder).rglob("*.py")
+        if recipe_package not in path.parents
+    ]
+    read = _attributes_read(files)
+    unread = [key for key in LEAVES if key.rsplit(".", 1)[-1] not in read and not key.startswith(NOT_BUILT)]
+    assert unread == []
