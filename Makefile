@@ -29,9 +29,10 @@ demo: $(INSTALLED)
 	$(BIN)/hermes-pipeline run configs/recipes/tiny.yaml
 
 # Two workers: much of the suite waits on process start-up, SLURM and llama-server rather than computing.
-# The tests that share the trained tiny run and the SLURM cluster stay on one worker (xdist_group).
+# A test file runs whole on one worker, so the SLURM tests share one cluster (the trained tiny run is shared
+# across workers by tests/tiny_run.py).
 test: $(INSTALLED) lint
-	$(BIN)/pytest -n 2 --dist loadgroup --durations=12
+	$(BIN)/pytest -n 2 --dist loadfile --durations=12
 
 lint: $(INSTALLED)
 	$(BIN)/ruff check .

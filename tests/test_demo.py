@@ -12,7 +12,7 @@ from train_support import cli
 from hermes_pipeline.merge.llama_server import free_port
 from hermes_pipeline.merge.serve import serve
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("tiny_run")]
+pytestmark = pytest.mark.slow
 
 
 def test_tiny_recipe_runs_end_to_end_and_learns(tiny_run: Path) -> None:

@@ -22,7 +22,7 @@ from hermes_pipeline.slurm.submit import SubmitRequest, submit
 from hermes_pipeline.stages import recipe_stages
 from hermes_pipeline.train.checkpoints import SEAL
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("tiny_run")]
+pytestmark = pytest.mark.slow
 
 # Bounds for a hung job, not speed checks: the whole tiny recipe takes minutes on 2 idle cores, far longer
 # on a busy machine.
@@ -86,46 +86,6 @@ def _show(job_id: str) -> str:
 
 def _log(run: Path, stage: str, job_id: str) -> str:
     return (run / "logs" / f"{stage}-{job_id}.log").read_text(encoding="utf-8", errors="replace")
-
-
-def test_tiny_recipe_runs_end_to_end_as_chained_jobs(
-    slurm_cluster: LocalCluster, tiny_run: Path, tmp_path: Path
-) -> None:
-    """Every stage of the tiny recipe is a job of one chain. The trained stages come from the session's
-    tiny run (export checks that the model stops at <|im_end|>, which a shorter training does not teach), so
-    their jobs find their work done; every stage after them runs in its job. Training under SLURM is
-    tested by the requeue and two-node tests."""
-    run = tmp_path / "run"
-    trained = ("prep", "sft", "dpo")
-    for stage in trained:
-        shutil.copytree(tiny_run / stage, run / stage)
-    recipe = TINY_RECIPE
-    # The recipe leaves merge.resources at the 16-CPU default; the test node has 2.
-    overrides = [
-        f"run_dir={run}",
-        "merge.resources={nodes: 1, gpus_per_node: 0, cpus_per_task: 2, time: '00:30:00'}",
-    ]
-    stages = recipe_stages(load_recipe(recipe, overrides), str(recipe), overrides)
-    assert {stage.kind for stage in stages} == {"prep", "sft", "dpo", "package", "export", "eval", "card"}
-    set_arguments = [arg for override in overrides for arg in ("--set", override)]
-    jobs = _submit(str(recipe), *set_arguments, cwd=tmp_path)
-    assert list(jobs) == [stage.name for stage in stages]
-    states = _wait_for_jobs(jobs, RECIPE_TIMEOUT_S)
-    assert set(states.values()) == {"COMPLETED"}, states
-    records = json.loads((run / "slurm/jobs.json").read_text())["stages"]
-    assert [r["name"] for r in records] == list(jobs)
-    for record in records:
-        assert (Path(record["folder"]) / "MANIFEST.json").is_file(), record["name"]
-    for stage in trained:
-        assert "up to date" in _log(run, stage, jobs[stage]), f"{stage} should have found its work done"
-    assert "up to date" not in _log(run, "package", jobs["package"])
-    assert (run / "final" / "config.json").is_file()
-    assert "| dpo | function_calling |" in (run / "final" / "README.md").read_text()  # the card saw the evals
-    assert list((run / "gguf").rglob("*.gguf"))
-    status = cli("slurm", "status", str(run), cwd=tmp_path).stdout
-    assert "every stage is complete" in status and "failed" not in status
-    again = cli("slurm", "submit", str(recipe), *set_arguments, cwd=tmp_path)
-    assert "nothing to submit: every stage is done for this recipe" in again.stdout
 
 
 @pytest.mark.parametrize("interruption", ["scontrol requeue", "USR1 ahead of the time limit"])
@@ -193,3 +153,43 @@ def test_two_node_shaped_launch_takes_its_ranks_from_slurm(
     assert "launcher 0 of 2 on" in log and "launcher 1 of 2 on" in log
     summary = json.loads((run / "sft" / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["steps"] == 6
+
+
+def test_tiny_recipe_runs_end_to_end_as_chained_jobs(
+    slurm_cluster: LocalCluster, tiny_run: Path, tmp_path: Path
+) -> None:
+    """Every stage of the tiny recipe is a job of one chain. The trained stages come from the session's
+    tiny run (export checks that the model stops at <|im_end|>, which a shorter training does not teach), so
+    their jobs find their work done; every stage after them runs in its job. Training under SLURM is
+    tested by the requeue and two-node tests."""
+    run = tmp_path / "run"
+    trained = ("prep", "sft", "dpo")
+    for stage in trained:
+        shutil.copytree(tiny_run / stage, run / stage)
+    recipe = TINY_RECIPE
+    # The recipe leaves merge.resources at the 16-CPU default; the test node has 2.
+    overrides = [
+        f"run_dir={run}",
+        "merge.resources={nodes: 1, gpus_per_node: 0, cpus_per_task: 2, time: '00:30:00'}",
+    ]
+    stages = recipe_stages(load_recipe(recipe, overrides), str(recipe), overrides)
+    assert {stage.kind for stage in stages} == {"prep", "sft", "dpo", "package", "export", "eval", "card"}
+    set_arguments = [arg for override in overrides for arg in ("--set", override)]
+    jobs = _submit(str(recipe), *set_arguments, cwd=tmp_path)
+    assert list(jobs) == [stage.name for stage in stages]
+    states = _wait_for_jobs(jobs, RECIPE_TIMEOUT_S)
+    assert set(states.values()) == {"COMPLETED"}, states
+    records = json.loads((run / "slurm/jobs.json").read_text())["stages"]
+    assert [r["name"] for r in records] == list(jobs)
+    for record in records:
+        assert (Path(record["folder"]) / "MANIFEST.json").is_file(), record["name"]
+    for stage in trained:
+        assert "up to date" in _log(run, stage, jobs[stage]), f"{stage} should have found its work done"
+    assert "up to date" not in _log(run, "package", jobs["package"])
+    assert (run / "final" / "config.json").is_file()
+    assert "| dpo | function_calling |" in (run / "final" / "README.md").read_text()  # the card saw the evals
+    assert list((run / "gguf").rglob("*.gguf"))
+    status = cli("slurm", "status", str(run), cwd=tmp_path).stdout
+    assert "every stage is complete" in status and "failed" not in status
+    again = cli("slurm", "submit", str(recipe), *set_arguments, cwd=tmp_path)
+    assert "nothing to submit: every stage is done for this recipe" in again.stdout
