@@ -70,12 +70,19 @@ def output_damage(directory: Path) -> str | None:
     """What is wrong with a finished stage's outputs, or None: every file the manifest lists must still have
     the size it was written with (a truncated shard, a deleted file). Sizes, not hashes: this runs on every
     start of every stage, and reading a 16 GB model again each time would cost minutes."""
-    for name, size in _manifest(directory).get("sizes", {}).items():
-        path = directory / name
+    return size_mismatch(directory, _manifest(directory).get("sizes", {}), "written", full_paths=True)
+
+
+def size_mismatch(folder: Path, sizes: dict[str, int], recorded: str, full_paths: bool = False) -> str | None:
+    """The first file of ``sizes`` (names relative to ``folder``) that is missing or has another size, in
+    words (``recorded`` says when the size was taken: "written", "sealed"), or None when all match."""
+    for name, size in sizes.items():
+        path = folder / name
+        shown = path if full_paths else name
         if not path.is_file():
-            return f"{path} is missing"
-        if path.stat().st_size != size:
-            return f"{path} has {path.stat().st_size} bytes where {size} were written"
+            return f"{shown} is missing"
+        if (actual := path.stat().st_size) != size:
+            return f"{shown} has {actual} bytes where {size} were {recorded}"
     return None
 
 

@@ -15,6 +15,8 @@ import re
 import shutil
 from pathlib import Path
 
+from hermes_pipeline.rundir import size_mismatch
+
 SEAL = "COMPLETE"
 TRAINER_STATE = "trainer_state.json"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
@@ -35,12 +37,10 @@ def damage(folder: Path) -> str | None:
     except (OSError, ValueError):
         return "its seal is unreadable"
     # A seal holding only the step number was written before seals listed sizes.
-    for name, size in (sealed.get("sizes", {}) if isinstance(sealed, dict) else {}).items():
-        path = folder / name
-        if not path.is_file():
-            return f"{name} is missing"
-        if path.stat().st_size != size:
-            return f"{name} has {path.stat().st_size} bytes where {size} were sealed"
+    if mismatch := size_mismatch(
+        folder, sealed.get("sizes", {}) if isinstance(sealed, dict) else {}, "sealed"
+    ):
+        return mismatch
     try:
         json.loads((folder / TRAINER_STATE).read_text(encoding="utf-8"))
     except (OSError, ValueError):
