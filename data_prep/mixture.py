@@ -35,10 +35,14 @@ def dedup_key(row: dict[str, Any]) -> int:
     return _digest(normalise(normalised))
 
 
+def seeded_hash(seed: int, *keys: object) -> int:
+    """A deterministic 64-bit number for (seed, keys): the recipe seed decides, not the run."""
+    return _digest("\x1f".join(map(str, (seed, *keys))))
+
+
 def unit_interval(seed: int, *keys: object) -> float:
-    """A deterministic number in [0, 1) for (seed, keys): the recipe seed decides, not the run."""
-    material = "\x1f".join(map(str, (seed, *keys)))
-    return _digest(material) / 2**64
+    """A deterministic number in [0, 1) for (seed, keys)."""
+    return seeded_hash(seed, *keys) / 2**64
 
 
 def user_texts(row: dict[str, Any]) -> list[str]:

@@ -1,22 +1,29 @@
 """The prep stage end to end on fixtures in the Hub schemas: accounting, masks, mixture decisions, outputs."""
 
 import json
+import pickle
+import subprocess
+import sys
 from collections import Counter
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
 import pyarrow.parquet as pq
 import pytest
 from prep_support import FIXTURES, ROOT, TEXT_SOURCES, prep, rows, write_recipe
+from tokenizers import normalizers
 from transformers import AutoTokenizer
 
 from hermes_pipeline.chat_format.templates import render
-from hermes_pipeline.chat_format.tokens import IM_END
+from hermes_pipeline.chat_format.tokens import IM_END, save_tokenizer
 from hermes_pipeline.chat_format.tool_calls import ToolCall, render_tool_calls
 from hermes_pipeline.cli import main
-from hermes_pipeline.data_prep import sources
-from hermes_pipeline.data_prep.pipeline import run_prep
+from hermes_pipeline.data_prep import pipeline, sources
+from hermes_pipeline.data_prep.mixture import Decontaminator, seeded_hash
+from hermes_pipeline.data_prep.pipeline import Spool, WorkerPool, load_tokenizer, run_prep
 from hermes_pipeline.data_prep.tokenize import IGNORE_INDEX, VICUNA_SYSTEM
+from hermes_pipeline.data_prep.workers import Outcome, plain_tokenizer_matches
 from hermes_pipeline.readers import iter_records
 
 
@@ -228,13 +235,69 @@ def test_overlong_rows_are_dropped_or_cut_between_turns(tmp_path: Path) -> None:
         )
 
 
-def test_same_output_whatever_the_number_of_processes(tmp_path: Path) -> None:
+def test_same_output_whatever_the_number_of_processes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(pipeline, "ROWS_PER_SHARD", 4)  # several shards per split from the small fixtures
     one, _ = prep(write_recipe(tmp_path / "one", TEXT_SOURCES))
     two, _ = prep(write_recipe(tmp_path / "two", TEXT_SOURCES, data={"num_proc": 2}))
     shards = sorted(p.relative_to(one) for p in one.rglob("*.parquet"))
     assert shards == sorted(p.relative_to(two) for p in two.rglob("*.parquet"))
+    assert len([s for s in shards if s.parts[0] == "sft" and s.name.startswith("train-")]) > 2
     for shard in shards:
-        assert pq.read_table(one / shard).equals(pq.read_table(two / shard))
+        assert (one / shard).read_bytes() == (two / shard).read_bytes(), shard
+
+
+def test_shards_mix_sources(text_run: tuple[Path, dict[str, Any]]) -> None:
+    """The sources are read one after another; the shards must not keep them in that order."""
+    out, _ = text_run
+    order = [
+        r["source"]
+        for shard in sorted((out / "sft").glob("train-*"))
+        for r in pq.read_table(shard).to_pylist()
+    ]
+    runs = 1 + sum(a != b for a, b in pairwise(order))
+    assert runs > 2 * len(set(order)), order
+
+
+def _outcome(index: int, source: str) -> Outcome:
+    row = {"source": source, "messages": [{"role": "user", "content": str(index)}]}
+    return Outcome(index, f"row-{index}", row=row, columns={"input_ids": [1, index], "labels": [-100, index]})
+
+
+def _spool_shards(folder: Path, outcomes: list[Outcome]) -> dict[str, Any]:
+    spool = Spool(folder / "spool", seed=5)
+    for outcome in outcomes:
+        for copy in range(1 + outcome.index % 2):
+            spool.add("sft", "train", outcome, copy)
+    return spool.shuffle_into_shards(folder)["sft"]["train"]
+
+
+@pytest.mark.parametrize("bucket_bits", [6, 3], ids=["buckets-share-shards", "buckets-cut-into-shards"])
+def test_spool_shards_are_the_rows_sorted_by_seeded_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, bucket_bits: int
+) -> None:
+    """1,500 rows in 64 buckets of ~23 rows (several to a shard) or 8 of ~190 (each cut into shards)."""
+    monkeypatch.setattr(pipeline, "ROWS_PER_SHARD", 60)
+    monkeypatch.setattr(pipeline, "BUCKET_BITS", bucket_bits)
+    monkeypatch.setattr(pipeline, "SPOOL_FLUSH_ROWS", 100)
+    outcomes = [_outcome(i, f"source-{i // 250}") for i in range(1_000)]
+    forward = _spool_shards(tmp_path / "forward", outcomes)
+    backward = _spool_shards(tmp_path / "backward", outcomes[::-1])
+    assert forward["rows"] == backward["rows"] == 1_500
+    assert forward["shards"] == backward["shards"]
+    for shard in forward["shards"]:
+        assert (tmp_path / "forward" / shard).read_bytes() == (tmp_path / "backward" / shard).read_bytes()
+    tables = [pq.read_table(tmp_path / "forward" / shard) for shard in forward["shards"]]
+    written = [r for table in tables for r in table.to_pylist()]
+    assert sorted((r["id"], r["copy"]) for r in written) == sorted(
+        (f"row-{o.index}", copy) for o in outcomes for copy in range(1 + o.index % 2)
+    )
+    keys = [seeded_hash(5, "shuffle", r["source"], r["id"], r["copy"]) for r in written]
+    assert keys == sorted(keys), "the shards, in name order, are the rows sorted by key"
+    assert max(t.num_rows for t in tables) <= (60 if bucket_bits == 6 else 90)
+    assert len(tables) >= 1_500 // 60
+    assert not list((tmp_path / "forward" / "spool").iterdir()), "bucket files are removed once written"
 
 
 def test_finished_prep_is_skipped_until_its_inputs_change(tmp_path: Path) -> None:
@@ -326,3 +389,45 @@ def test_bad_source_path_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert main(["prep", str(recipe_path), "--set", "data.sources[0].path=nowhere/at-all.json"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "data.sources[0].path" in err
+
+
+WORKER_CHECK = """
+import pathlib, pickle, sys
+args, source, records = pickle.loads(pathlib.Path(sys.argv[1]).read_bytes())
+from hermes_pipeline.data_prep.workers import init_worker, process_batch
+init_worker(*args)
+tokenized = sum(o.columns is not None for o in process_batch(source, records))
+print(tokenized, "torch" in sys.modules)
+"""
+
+
+@pytest.mark.parametrize("plain", [True, False])
+def test_workers_tokenize_without_torch(tmp_path: Path, plain: bool) -> None:
+    """A worker unpickles what the pool sends it and imports only what that needs: with the plain
+    tokenizer that is not torch (~0.2 GB a process); the AutoTokenizer fallback still imports it."""
+    recipe = write_recipe(tmp_path, TEXT_SOURCES[:1])
+    save_tokenizer(load_tokenizer(recipe), tmp_path / "tokenizer")
+    source = recipe.data.sources[0]
+    job = (
+        WorkerPool(recipe, tmp_path, Decontaminator(13), plain).args,
+        source,
+        list(iter_records(source.path)),
+    )
+    (tmp_path / "job.pickle").write_bytes(pickle.dumps(job))
+    result = subprocess.run(
+        [sys.executable, "-c", WORKER_CHECK, str(tmp_path / "job.pickle")],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    tokenized, torch_imported = result.stdout.split()
+    assert int(tokenized) > 0
+    assert torch_imported == str(not plain)
+
+
+def test_plain_tokenizer_is_used_only_when_it_is_exact(tmp_path: Path) -> None:
+    tokenizer = load_tokenizer(write_recipe(tmp_path, TEXT_SOURCES[:1]))
+    save_tokenizer(tokenizer, tmp_path / "tokenizer")
+    assert plain_tokenizer_matches(tokenizer, tmp_path / "tokenizer")
+    tokenizer.backend_tokenizer.normalizer = normalizers.Lowercase()
+    assert not plain_tokenizer_matches(tokenizer, tmp_path / "tokenizer")
