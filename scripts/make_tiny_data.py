@@ -6,10 +6,11 @@ arithmetic, opposites, plurals, greetings; five small tools; four small JSON sch
 model learns them within minutes on a CPU, and the DPO pairs come from the same families so that what DPO
 learns on some pairs carries over to the held-out ones.
 
-The function-calling eval asks for the training tools and argument values in phrasings no training row uses;
-the JSON-mode eval uses the training schemas and phrasings with values no training file contains. Both are
-asserted before anything is written. Each file has its own seeded random stream, so the output is
-byte-identical from one run to the next:
+Both evals ask for what the training rows hold (the tools and argument values, the schemas and field values)
+in phrasings no training row uses. Before anything is written the generator asserts prep's decontamination
+rule, the distinct first tokens of the values, and, for JSON mode, that the eval's values are trained and its
+phrasings are not. Each file has its own seeded random stream, so the output is byte-identical from one run
+to the next:
 
     python scripts/make_tiny_data.py [--out-dir DIR]
 """
@@ -21,8 +22,8 @@ import functools
 import json
 import random
 import re
-from collections.abc import Callable, Hashable, Iterator, Sequence
-from dataclasses import dataclass, fields
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -91,76 +92,11 @@ GREETINGS = (
         "I can name capitals, do simple arithmetic, and give opposites and plurals of words.",
     ),
 )
-EVAL_NUMBERS = (7, 13, 19, 26, 34, 41, 58, 63, 77, 88, 95)
-EVAL_YEARS = (1953, 1968, 1979, 1986, 1994, 2007, 2013, 2021)
-
-
-@dataclass(frozen=True)
-class Pools:
-    """The JSON-mode field values one side (training or eval) draws from; the two sides share none."""
-
-    cities: tuple[str, ...]
-    numbers: tuple[int, ...]
-    years: tuple[int, ...]
-    first_names: tuple[str, ...]
-    last_names: tuple[str, ...]
-    title_adjectives: tuple[str, ...]
-    title_nouns: tuple[str, ...]
-    items: tuple[str, ...]
-    events: tuple[str, ...]
-
-
-TRAIN = Pools(
-    cities=(
-        *(capital for _, capital in CAPITALS),
-        "Sydney", "Toronto", "Osaka", "Munich", "Barcelona", "Milan", "Chicago", "Seattle", "Mumbai",
-        "Istanbul", "Durban", "Lyon", "Hamburg", "Boston", "Denver", "Kyoto", "Melbourne",
-    ),
-    numbers=tuple(n for n in range(2, 100) if n not in EVAL_NUMBERS),
-    years=tuple(year for year in range(1950, 2024) if year not in EVAL_YEARS),
-    first_names=(
-        "Anna", "Ben", "Clara", "David", "Elena", "Felix", "Grace", "Hugo", "Iris", "Jonas",
-        "Laura", "Marco", "Nina", "Oscar", "Paula", "Rosa", "Samuel", "Tom", "Vera", "Yusuf",
-    ),
-    last_names=(
-        "Berg", "Costa", "Diaz", "Evans", "Fischer", "Garcia", "Hansen", "Ito", "Jensen", "Kim",
-        "Lopez", "Moreau", "Novak", "Olsen", "Park", "Rossi", "Silva", "Tanaka", "Weber", "Young",
-    ),
-    title_adjectives=(
-        "Silent", "Golden", "Hidden", "Broken", "Quiet", "Distant", "Frozen", "Lost", "Crimson",
-        "Endless", "Paper", "Northern", "Secret", "Winter",
-    ),
-    title_nouns=(
-        "Harbor", "Garden", "River", "Mountain", "Letter", "Window", "Bridge", "Forest", "Lantern",
-        "Island", "Tower", "Shadow", "Kingdom", "Road", "Clock",
-    ),
-    items=(
-        "notebook", "coffee mug", "desk lamp", "water bottle", "backpack", "umbrella", "phone case",
-        "pencil set", "tea kettle", "wall clock", "laptop stand", "rain jacket", "cutting board",
-    ),
-    events=(
-        "book fair", "science fair", "charity run", "food festival", "chess tournament", "film night",
-        "art show", "tech meetup", "farmers market", "choir concert", "quiz night", "dance class",
-    ),
+# The names a user introduces themselves by in the chat rows.
+FIRST_NAMES = (
+    "Anna", "Ben", "Clara", "David", "Elena", "Felix", "Grace", "Hugo", "Iris", "Jonas",
+    "Laura", "Marco", "Nina", "Oscar", "Paula", "Rosa", "Samuel", "Tom", "Vera", "Yusuf",
 )  # fmt: skip
-EVAL = Pools(
-    cities=(
-        "Oslo", "Zagreb", "Riga", "Dakar", "Montevideo", "Kathmandu", "Bern", "Sofia", "Bucharest", "Geneva",
-    ),
-    numbers=EVAL_NUMBERS,
-    years=EVAL_YEARS,
-    first_names=("Amara", "Bruno", "Ingrid", "Kofi", "Mei"),
-    last_names=("Lindqvist", "Mensah", "Ortega", "Varga", "Okafor"),
-    title_adjectives=("Velvet", "Hollow", "Amber", "Scarlet"),
-    title_nouns=("Orchard", "Compass", "Meadow", "Lighthouse"),
-    items=("bicycle helmet", "garden hose", "picture frame", "wool scarf"),
-    events=("kite festival", "pottery class", "poetry reading"),
-)  # fmt: skip
-
-
-def up_to(numbers: Sequence[int], limit: int) -> tuple[int, ...]:
-    """The numbers up to ``limit``, for values where a large one would read oddly (minutes, quantities)."""
-    return tuple(n for n in numbers if n <= limit)
 
 
 def draw_unique(make: Callable[[], T], count: int, key: Callable[[T], Hashable] = repr) -> list[T]:
@@ -345,7 +281,7 @@ def arithmetic_follow_up(rng: random.Random) -> list[Exchange]:
 
 
 def name_memory(rng: random.Random) -> list[Exchange]:
-    name = rng.choice(TRAIN.first_names)
+    name = rng.choice(FIRST_NAMES)
     greeting = f"Nice to meet you, {name}! How can I help you today?"
     introduction = Exchange("greeting", rng.choice(INTRODUCTIONS).format(name=name), greeting)
     middle = [single_exchange(rng)] if rng.random() < 0.5 else []
@@ -761,29 +697,6 @@ def offered_tools(rng: random.Random, needed: list[str], turns: Turns) -> list[s
     return names
 
 
-# The tiny recipe repeats these rows (weight 6): what they teach takes ~1000 examples per argument.
-EXTRACTION_ROWS = 500
-EXTRACTION_QUESTIONS = (
-    "Give the values in this request as JSON: {request}",
-    "Extract the arguments from this request as a JSON object: {request}",
-)
-
-
-def extraction_conversation(rng: random.Random) -> tuple[str | None, Turns, str]:
-    """A request and its call's arguments as JSON, with no tool list around it. In a few dozen tokens a tiny
-    model learns to find a value in the request within minutes; behind the ~450-token function-calling system
-    prompt it does not. The function-calling rows then reuse what it learned here."""
-    use = TOOLS[rng.choice(list(TOOLS))].use(rng, False)
-    question = rng.choice(EXTRACTION_QUESTIONS).format(request=use.request)
-    return None, [(question, json.dumps(use.arguments))], "extraction"
-
-
-def argument_extraction_rows(rng: random.Random) -> list[Row]:
-    """In the OpenHermes-2.5 schema, so that the recipe reads them as one more chat source."""
-    conversations = draw_unique(lambda: extraction_conversation(rng), EXTRACTION_ROWS)
-    return [openhermes_row(*conversation, weighted=False) for conversation in conversations]
-
-
 def function_calling_row(number: int, tools: list[str], turns: Turns) -> Row:
     called = next(role_value[1] for role_value in turns if role_value[0] == "gpt")
     tool = TOOLS[parse_tool_calls(called).calls[0].name]  # the row is filed under its first call's tool
@@ -823,8 +736,30 @@ def func_calling_eval_rows(rng: random.Random) -> list[Row]:
 
 JSON_MODE_ROWS_PER_SCHEMA = 50
 EVAL_JSON_MODE_ROWS_PER_SCHEMA = 10
+# As with the tool arguments, each field takes one of a few values whose first tokens differ (checked in
+# main()), and training and eval draw from the same values: what the eval holds out is the phrasing. A title,
+# name, city, event or item takes one of four: the tiny model completes such a word from memory, and with eight
+# to choose from it mostly picked a wrong one. Numbers it copies digit by digit. Cities, ages and attendee
+# counts are tool argument values, so what the function-calling rows teach about them carries over.
+BOOK_TITLES = ("Crimson River", "Frozen Bridge", "Hidden Garden", "Silent Tower")
+FULL_NAMES = ("Anna Berg", "Ben Costa", "Clara Diaz", "David Evans")
+CITIES = ("Berlin", "Cairo", "Lima", "Tokyo")
+# Digits are single tokens, so no more than two years can differ in their first one.
+YEARS = (1984, 2007)
+AGES = tuple(n for n in DEGREES if 18 <= n <= 80)
+EVENT_NAMES = ("book fair", "dance class", "film night", "tech meetup")
+# The schema offers every weekday; Thursday and Saturday begin with the tokens of Tuesday and Sunday.
 WEEKDAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
+EVENT_WEEKDAYS = ("Monday", "Tuesday", "Wednesday", "Friday", "Sunday")
+ORDER_ITEMS = ("backpack", "coffee mug", "rain jacket", "umbrella")
+QUANTITIES = (2, 3, 4, 5, 6, 10)
+# A price is a tool argument's number plus 0.99, so its digits go on as that number's do.
+UNIT_PRICES = tuple(float(f"{n}.99") for n in DEGREES)
 CURRENCIES = ("USD", "EUR", "GBP")
+JSON_FIELD_VALUES = (
+    BOOK_TITLES, FULL_NAMES, YEARS, AGES, CITIES, EVENT_NAMES, EVENT_WEEKDAYS, DEGREES, ORDER_ITEMS,
+    QUANTITIES, UNIT_PRICES, CURRENCIES,
+)  # fmt: skip
 
 
 def model_schema(title: str, fields: dict[str, dict]) -> dict:
@@ -833,41 +768,33 @@ def model_schema(title: str, fields: dict[str, dict]) -> dict:
     return {"title": title, "type": "object", "properties": properties, "required": list(fields)}
 
 
-def full_name(rng: random.Random, pools: Pools) -> str:
-    return f"{rng.choice(pools.first_names)} {rng.choice(pools.last_names)}"
+def book_answer(rng: random.Random) -> dict[str, Any]:
+    return {"title": rng.choice(BOOK_TITLES), "author": rng.choice(FULL_NAMES), "year": rng.choice(YEARS)}
 
 
-def book_answer(rng: random.Random, pools: Pools) -> dict[str, Any]:
-    title = f"The {rng.choice(pools.title_adjectives)} {rng.choice(pools.title_nouns)}"
-    return {"title": title, "author": full_name(rng, pools), "year": rng.choice(pools.years)}
-
-
-def person_answer(rng: random.Random, pools: Pools) -> dict[str, Any]:
-    age = rng.choice([n for n in pools.numbers if 18 <= n <= 80])
-    student = rng.random() < 0.5
+def person_answer(rng: random.Random) -> dict[str, Any]:
     return {
-        "name": full_name(rng, pools),
-        "age": age,
-        "city": rng.choice(pools.cities),
-        "is_student": student,
+        "name": rng.choice(FULL_NAMES),
+        "age": rng.choice(AGES),
+        "city": rng.choice(CITIES),
+        "is_student": rng.random() < 0.5,
     }
 
 
-def event_answer(rng: random.Random, pools: Pools) -> dict[str, Any]:
+def event_answer(rng: random.Random) -> dict[str, Any]:
     return {
-        "name": rng.choice(pools.events),
-        "city": rng.choice(pools.cities),
-        "weekday": rng.choice(WEEKDAYS),
-        "attendees": rng.choice(pools.numbers),
+        "name": rng.choice(EVENT_NAMES),
+        "city": rng.choice(CITIES),
+        "weekday": rng.choice(EVENT_WEEKDAYS),
+        "attendees": rng.choice(DEGREES),
     }
 
 
-def order_answer(rng: random.Random, pools: Pools) -> dict[str, Any]:
-    """A price is a pool number plus 0.99, so training and eval prices differ exactly as the numbers do."""
+def order_answer(rng: random.Random) -> dict[str, Any]:
     return {
-        "item": rng.choice(pools.items),
-        "quantity": rng.choice(up_to(pools.numbers, 20)),
-        "unit_price": float(f"{rng.choice(pools.numbers)}.99"),
+        "item": rng.choice(ORDER_ITEMS),
+        "quantity": rng.choice(QUANTITIES),
+        "unit_price": rng.choice(UNIT_PRICES),
         "currency": rng.choice(CURRENCIES),
     }
 
@@ -879,8 +806,22 @@ class JsonTask:
     schema: dict
     category: str
     subcategory: str
-    answer: Callable[[random.Random, Pools], dict[str, Any]]
-    requests: tuple[str, ...]
+    answer: Callable[[random.Random], dict[str, Any]]
+    requests: Phrasings
+
+
+def paired_phrasings(openings: Sequence[str], bodies: Sequence[str]) -> Phrasings:
+    """Each opening joined to each body, the i-th opening to the i-th body held out: every eval request is
+    worded as no training request is, while its opening and its body each come in training with others. A
+    ~2M-parameter model tells the schema from the wording of the request, not from the schema in the system
+    prompt, so it answers a wholly new wording with the wrong object; a new pairing it can read."""
+    pairs = [
+        (i == j, f"{opening} {body}") for i, opening in enumerate(openings) for j, body in enumerate(bodies)
+    ]
+    return Phrasings(
+        train=tuple(text for held_out, text in pairs if not held_out),
+        held_out=tuple(text for held_out, text in pairs if held_out),
+    )
 
 
 JSON_TASKS = (
@@ -889,10 +830,14 @@ JSON_TASKS = (
             "Book", {"title": {"type": "string"}, "author": {"type": "string"}, "year": {"type": "integer"}}
         ),
         "Books", "Catalog records", book_answer,
-        (
-            "Make a book record for {title} by {author}, published in {year}.",
-            "Catalog this book: {title}, written by {author} in {year}.",
-            "{author} wrote {title} in {year}. Give me the book as JSON.",
+        paired_phrasings(
+            ("Make a book record:", "Catalog this book:", "Give me the book as JSON:", "Add to the catalog:"),
+            (
+                "{title} by {author}, published in {year}.",
+                "{title}, written by {author} in {year}.",
+                "{author} wrote {title} in {year}.",
+                "{title} by {author} ({year}).",
+            ),
         ),
     ),
     JsonTask(
@@ -904,9 +849,14 @@ JSON_TASKS = (
             },
         ),
         "People", "Profiles", person_answer,
-        (
-            "Create a profile for {name}, age {age}, who lives in {city} and {student}.",
-            "{name} is {age} years old, lives in {city}, and {student}. Return the person as JSON.",
+        paired_phrasings(
+            ("Create a profile:", "Give me the person as JSON:", "New person:", "Add to the people list:"),
+            (
+                "{name}, age {age}, who lives in {city} and {student}.",
+                "{name} is {age} years old, lives in {city}, {student}.",
+                "{name}, aged {age}, living in {city}, who {student}.",
+                "{name} is {age}, is based in {city} and {student}.",
+            ),
         ),
     ),
     JsonTask(
@@ -918,9 +868,14 @@ JSON_TASKS = (
             },
         ),
         "Events", "Listings", event_answer,
-        (
-            "Record an event: a {name} in {city} on {weekday} with {attendees} attendees.",
-            "The {name} in {city} is on {weekday}, {attendees} people are coming. Give me the event as JSON.",
+        paired_phrasings(
+            ("Record an event:", "Give me the event as JSON:", "Add a listing:", "New entry for the calendar:"),
+            (
+                "a {name} in {city} on {weekday} with {attendees} attendees.",
+                "the {name} in {city} is on {weekday}, {attendees} people are coming.",
+                "{name}, held in {city} on {weekday}, {attendees} attendees.",
+                "{name}, {city}, {weekday}, {attendees} guests.",
+            ),
         ),
     ),
     JsonTask(
@@ -932,25 +887,30 @@ JSON_TASKS = (
             },
         ),
         "Shopping", "Orders", order_answer,
-        (
-            "Create an order: {quantity} x {item} at {unit_price} {currency} each.",
-            "I want to buy {quantity} x {item} for {unit_price} {currency} each. Write the order as JSON.",
+        paired_phrasings(
+            ("Create an order:", "Give me the order as JSON:", "Add to my basket:", "Please buy:"),
+            (
+                "{quantity} x {item} at {unit_price} {currency} each.",
+                "{quantity} x {item} for {unit_price} {currency} each.",
+                "{quantity} x {item}, costing {unit_price} {currency} each.",
+                "{quantity} x {item}, {unit_price} {currency} apiece.",
+            ),
         ),
     ),
 )  # fmt: skip
 
 
-def json_request(rng: random.Random, task: JsonTask, pools: Pools) -> tuple[str, dict[str, Any]]:
-    answer = task.answer(rng, pools)
+def json_request(rng: random.Random, task: JsonTask, held_out: bool) -> tuple[str, dict[str, Any]]:
+    answer = task.answer(rng)
     student = "is a student" if answer.get("is_student") else "is not a student"
-    return rng.choice(task.requests).format(**answer, student=student), answer
+    return task.requests.pick(rng, held_out).format(**answer, student=student), answer
 
 
-def draw_json_requests(rng: random.Random, pools: Pools, per_task: int) -> list[tuple[JsonTask, str, dict]]:
+def draw_json_requests(rng: random.Random, per_task: int, held_out: bool) -> list[tuple[JsonTask, str, dict]]:
     return [
         (task, request, answer)
         for task in JSON_TASKS
-        for request, answer in draw_unique(lambda task=task: json_request(rng, task, pools), per_task)
+        for request, answer in draw_unique(lambda task=task: json_request(rng, task, held_out), per_task)
     ]
 
 
@@ -968,7 +928,7 @@ def json_mode_row(number: int, task: JsonTask, request: str, answer: dict[str, A
 
 
 def json_mode_rows(rng: random.Random) -> list[Row]:
-    drawn = draw_json_requests(rng, TRAIN, JSON_MODE_ROWS_PER_SCHEMA)
+    drawn = draw_json_requests(rng, JSON_MODE_ROWS_PER_SCHEMA, held_out=False)
     rng.shuffle(drawn)
     return [json_mode_row(number, *row) for number, row in enumerate(drawn, start=1)]
 
@@ -983,7 +943,45 @@ def json_mode_eval_row(task: JsonTask, request: str, answer: dict[str, Any]) -> 
 
 
 def json_mode_eval_rows(rng: random.Random) -> list[Row]:
-    return [json_mode_eval_row(*row) for row in draw_json_requests(rng, EVAL, EVAL_JSON_MODE_ROWS_PER_SCHEMA)]
+    drawn = draw_json_requests(rng, EVAL_JSON_MODE_ROWS_PER_SCHEMA, held_out=True)
+    return [json_mode_eval_row(*row) for row in drawn]
+
+
+# --- argument_extraction.json: requests and their values as JSON, with no tool list or schema ------------
+
+# The tiny recipe repeats these rows (weight 6): what they teach takes ~1000 examples per argument.
+EXTRACTION_ROWS = 500
+JSON_EXTRACTION_ROWS = 300
+EXTRACTION_QUESTIONS = (
+    "Give the values in this request as JSON: {request}",
+    "Extract the arguments from this request as a JSON object: {request}",
+)
+
+
+def extraction_conversation(rng: random.Random) -> tuple[str | None, Turns, str]:
+    """A request and its call's arguments as JSON, with no tool list around it. In a few dozen tokens a tiny
+    model learns to find a value in the request within minutes; behind the ~450-token function-calling system
+    prompt it does not. The function-calling rows then reuse what it learned here."""
+    use = TOOLS[rng.choice(list(TOOLS))].use(rng, False)
+    question = rng.choice(EXTRACTION_QUESTIONS).format(request=use.request)
+    return None, [(question, json.dumps(use.arguments))], "extraction"
+
+
+def json_extraction_conversation(rng: random.Random) -> tuple[str | None, Turns, str]:
+    """A JSON-mode request in a training phrasing and its answer, with no schema around it: the same short
+    form, for the fields of the JSON-mode rows, which alone are too few to teach them."""
+    task = rng.choice(JSON_TASKS)
+    request, answer = json_request(rng, task, held_out=False)
+    question = rng.choice(EXTRACTION_QUESTIONS).format(request=request)
+    return None, [(question, json.dumps(answer))], "extraction"
+
+
+def argument_extraction_rows(rng: random.Random) -> list[Row]:
+    """In the OpenHermes-2.5 schema, so that the recipe reads them as one more chat source. The JSON-mode
+    rows are drawn after the tool rows, so the tool rows do not depend on them."""
+    conversations = draw_unique(lambda: extraction_conversation(rng), EXTRACTION_ROWS)
+    conversations += draw_unique(lambda: json_extraction_conversation(rng), JSON_EXTRACTION_ROWS)
+    return [openhermes_row(*conversation, weighted=False) for conversation in conversations]
 
 
 # --- orca_dpo_pairs.jsonl: preference pairs from the chat families ----------------------------------------
@@ -1038,17 +1036,18 @@ def orca_dpo_rows(rng: random.Random) -> list[Row]:
 # --- Checks -----------------------------------------------------------------------------------------------
 
 
-def first_value_token(value: str | int) -> str:
-    """The token a value starts with inside a JSON call, after the space and quote before it."""
+def first_value_token(value: str | float) -> str:
+    """The token a value starts with inside a JSON call or answer, after the space and quote before it."""
     tokens = tiny_tokenizer().tokenize(json.dumps(value))
     return tokens[1] if tokens[0] in ("▁", '▁"') else tokens[0]
 
 
 def assert_distinct_first_tokens() -> None:
-    for values in ARGUMENT_VALUES:
+    """Within each tool argument and each JSON-mode field, no two values begin with the same token."""
+    for values in (*ARGUMENT_VALUES, *JSON_FIELD_VALUES):
         starts = [first_value_token(value) for value in values]
         shared = {start for start in starts if starts.count(start) > 1}
-        assert not shared, f"argument values {values} share first tokens {sorted(shared)}"
+        assert not shared, f"values {values} share first tokens {sorted(shared)}"
 
 
 def training_requests(training: dict[str, list[Row]]) -> list[str]:
@@ -1075,46 +1074,38 @@ def assert_not_contaminated(training: dict[str, list[Row]], evals: dict[str, lis
         assert hit is None, f"training request {request!r} is {hit}"
 
 
-def json_eval_values(json_mode_eval: list[Row]) -> Iterator[Any]:
-    """The values only the prompt can tell the model. Enum members and booleans are a closed set that every
-    row shares, so they are not held out."""
+def json_wording(request: str, answer: dict[str, Any]) -> re.Pattern[str]:
+    """The request's wording with every value of its answer as a wildcard, whatever the values are. Longer
+    values come first, so a short number is never taken for a part of a price."""
+    values = sorted({str(v) for v in answer.values() if not isinstance(v, bool)}, key=len, reverse=True)
+    parts = re.split("|".join(rf"\b{re.escape(value)}\b" for value in values), request)
+    return re.compile(".+?".join(map(re.escape, parts)))
+
+
+def json_fields(schema: str, answer: dict[str, Any]) -> set[tuple[str, str, str]]:
+    """Each value of an answer, filed under its schema's title and its key."""
+    title = json.loads(schema)["title"]
+    return {(title, key, json.dumps(value)) for key, value in answer.items()}
+
+
+def assert_json_phrasings_held_out(training: dict[str, list[Row]], json_mode_eval: list[Row]) -> None:
+    """Every JSON-mode eval value is one a training answer gives the same field of the same schema, so the
+    model can complete it from memory, and no training request in any file is worded as an eval request is,
+    whatever its values: a pass means the model read a phrasing it was never trained on."""
+    trained_fields = {
+        field
+        for row in training["json_mode.json"]
+        for field in json_fields(row["schema"], json.loads(row["conversations"][-1]["value"]))
+    }
+    requests = training_requests(training)
     for row in json_mode_eval:
-        properties = json.loads(row["schema"])["properties"]
-        for key, value in json.loads(row["completion"]).items():
-            if "enum" not in properties[key] and not isinstance(value, bool):
-                yield value
-
-
-def training_numbers(function_calling: list[Row], json_mode: list[Row]) -> set[float]:
-    """Every number a training call passes or a training JSON answer holds, read back from the rows' text."""
-    replies = [
-        turn["value"] for row in function_calling for turn in row["conversations"] if turn["from"] == "gpt"
-    ]
-    values = [
-        value
-        for reply in replies
-        for call in parse_tool_calls(reply).calls
-        for value in call.arguments.values()
-    ]
-    values += [value for row in json_mode for value in json.loads(row["conversations"][-1]["value"]).values()]
-    return {value for value in values if isinstance(value, int | float) and not isinstance(value, bool)}
-
-
-def assert_json_values_held_out(training: dict[str, list[Row]], json_mode_eval: list[Row]) -> None:
-    """The pools share nothing (names and title words included), no JSON-mode eval string appears anywhere
-    in a training file (as a whole word, in any case), and no eval number is ever a training call argument
-    or JSON answer value: a JSON-mode pass means the model copied the value from the prompt."""
-    for pool in fields(Pools):
-        shared = set(getattr(TRAIN, pool.name)) & set(getattr(EVAL, pool.name))
-        assert not shared, f"training and eval share {pool.name}: {sorted(shared)}"
-    training_text = "\n".join(json.dumps(rows) for rows in training.values())
-    numbers = training_numbers(training["function_calling.json"], training["json_mode.json"])
-    for value in json_eval_values(json_mode_eval):
-        if isinstance(value, str):
-            found = re.search(rf"\b{re.escape(value)}\b", training_text, re.IGNORECASE)
-            assert not found, f"eval value {value!r} is in a training file"
-        else:
-            assert value not in numbers, f"eval number {value!r} is a training value"
+        request = next(turn["content"] for turn in row["prompt"] if turn["role"] == "user")
+        answer = json.loads(row["completion"])
+        untrained = json_fields(row["schema"], answer) - trained_fields
+        assert not untrained, f"eval values {sorted(untrained)} are in no training answer"
+        wording = json_wording(request, answer)
+        worded = next((trained for trained in requests if wording.search(trained)), None)
+        assert worded is None, f"training request {worded!r} is worded as eval request {request!r} is"
 
 
 # --- Output ------------------------------------------------------------------------------------------------
@@ -1153,7 +1144,7 @@ def main(argv: list[str] | None = None) -> None:
         "json_mode_eval.jsonl": json_mode_eval_rows(stream("json_mode_eval")),
     }
     assert_not_contaminated(training, evals)
-    assert_json_values_held_out(training, evals["json_mode_eval.jsonl"])
+    assert_json_phrasings_held_out(training, evals["json_mode_eval.jsonl"])
     args.out_dir.mkdir(parents=True, exist_ok=True)
     for name, rows in (training | evals).items():
         text = as_json_array(rows) if name.endswith(".json") else as_json_lines(rows)
