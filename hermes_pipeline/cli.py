@@ -6,6 +6,7 @@ Each command imports its stage inside its handler, so ``--help`` answers without
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import subprocess
@@ -13,6 +14,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from hermes_pipeline import __version__
+from hermes_pipeline.disk import no_space_left
 from hermes_pipeline.errors import StageInterrupted, UserError
 
 
@@ -88,7 +90,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="run every enabled stage of a recipe in order: prep, merge, sft, dpo, package, export, evals",
     )
     _add_recipe_arguments(run)
+    run.add_argument(
+        "--verify",
+        action="store_true",
+        help="first hash every finished stage's outputs against its manifest and redo those that changed",
+    )
     run.set_defaults(handler=_run)
+
+    verify = commands.add_parser(
+        "verify",
+        help="hash every finished stage's outputs against its manifest; a stage whose outputs changed is "
+        "unmarked, so the next run redoes it (every start already checks sizes)",
+    )
+    _add_recipe_arguments(verify)
+    verify.set_defaults(handler=_verify)
     return parser
 
 
@@ -446,10 +461,13 @@ def _run(args: argparse.Namespace) -> None:
     process per device, and every stage frees its memory before the next one starts. A finished stage
     whose inputs have not changed is skipped by the stage itself."""
     from hermes_pipeline.recipe.loader import load_recipe
-    from hermes_pipeline.stages import recipe_stages
+    from hermes_pipeline.stages import recipe_stages, verify_outputs
 
     recipe = load_recipe(args.recipe, args.overrides)
-    for stage in recipe_stages(recipe, args.recipe, args.overrides):
+    stages = recipe_stages(recipe, args.recipe, args.overrides)
+    if args.verify:
+        verify_outputs(stages)
+    for stage in stages:
         print(f"== {stage.name}: hermes-pipeline {' '.join(stage.command)}", flush=True)
         code = subprocess.call([sys.executable, "-m", "hermes_pipeline.cli", *stage.command])
         if code != 0:
@@ -495,6 +513,14 @@ def _at_least(low: int) -> Callable[[str], int]:
     return parse
 
 
+def _verify(args: argparse.Namespace) -> None:
+    from hermes_pipeline.recipe.loader import load_recipe
+    from hermes_pipeline.stages import recipe_stages, verify_outputs
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    verify_outputs(recipe_stages(recipe, args.recipe, args.overrides))
+
+
 def _slurm_submit(args: argparse.Namespace) -> None:
     from hermes_pipeline.slurm.submit import SubmitRequest, submit
 
@@ -525,12 +551,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     # bitsandbytes (imported by peft whenever it is installed) warns on every CPU run that an optional
     # 4-bit CPU kernel is missing; no stage here runs 4-bit matmuls on a CPU, so the line is only noise.
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    failure = _failure(args)
+    if failure is None:
+        return 0
+    # The failed command's frames held its progress bars; collected now, they print their last state
+    # before the message rather than after it, so the message stays the last line.
+    gc.collect()
+    message, code = failure
+    print(message, file=sys.stderr)
+    return code
+
+
+def _failure(args: argparse.Namespace) -> tuple[str, int] | None:
+    """Run the command; a mistake the user can fix, a stop for requeue or a full disk comes back as its
+    one-line message and exit code, anything else is a bug and raises with its traceback."""
     try:
         args.handler(args)
     except (UserError, StageInterrupted) as exc:
-        print(str(exc), file=sys.stderr)
-        return exc.exit_code
-    return 0
+        return str(exc), exc.exit_code
+    except Exception as exc:  # a full disk outside a stage's folder (a log, a cache) is one line too
+        if (full := no_space_left(exc)) is None:
+            raise
+        return str(full), full.exit_code
+    return None
 
 
 if __name__ == "__main__":

@@ -73,6 +73,18 @@ def output_damage(directory: Path) -> str | None:
     return size_mismatch(directory, _manifest(directory).get("sizes", {}), "written", full_paths=True)
 
 
+def hash_mismatch(directory: Path) -> str | None:
+    """The first output of a finished stage whose content no longer hashes to what its manifest recorded
+    (a flipped bit keeps the size), or None. Reads every byte: for ``verify``, not for every start."""
+    for name, digest in _manifest(directory).get("outputs", {}).items():
+        path = directory / name
+        if not path.is_file():
+            return f"{path} is missing"
+        if file_fingerprint(path) != digest:
+            return f"{path} differs from the sha256 its manifest recorded"
+    return None
+
+
 def size_mismatch(folder: Path, sizes: dict[str, int], recorded: str, full_paths: bool = False) -> str | None:
     """The first file of ``sizes`` (names relative to ``folder``) that is missing or has another size, in
     words (``recorded`` says when the size was taken: "written", "sealed"), or None when all match."""

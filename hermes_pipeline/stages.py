@@ -20,10 +20,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from hermes_pipeline.disk import full_disk_in_one_line
 from hermes_pipeline.locks import stage_lock
 from hermes_pipeline.recipe.checks import training_stages
 from hermes_pipeline.recipe.schema import Recipe, Resources
-from hermes_pipeline.rundir import is_complete, output_damage, run_dir, staged_output, write_manifest
+from hermes_pipeline.rundir import (
+    MANIFEST,
+    hash_mismatch,
+    is_complete,
+    output_damage,
+    run_dir,
+    staged_output,
+    write_manifest,
+)
 
 # Recipe keys that change no stage's output, wherever they appear: how big and how long the jobs are.
 NOT_OUTPUT = frozenset({"resources"})
@@ -267,7 +276,26 @@ def run_stage(
         if (damage := output_damage(folder)) is not None:
             log(f"{kind}: {damage}; redoing the stage")
         started = time.time()
-        with staged_output(folder) as partial:
+        with full_disk_in_one_line(folder), staged_output(folder) as partial:
             extra = body(partial)
         write_manifest(folder, fingerprint, inputs, started, extra=extra, skip=skip)
     return True
+
+
+def verify_outputs(stages: list[Stage], log: Callable[[str], Any] = print) -> list[str]:
+    """Hash every output of every finished stage against its manifest; a stage whose outputs changed
+    loses its manifest, so the next run redoes it (a training stage from its last sealed checkpoint).
+    Returns the names of the stages unmarked."""
+    redo = []
+    for stage in stages:
+        if not (stage.folder / MANIFEST).is_file():
+            continue
+        with stage_lock(stage.folder):
+            damage = output_damage(stage.folder) or hash_mismatch(stage.folder)
+            if damage is None:
+                log(f"{stage.name}: every output matches its manifest")
+                continue
+            (stage.folder / MANIFEST).unlink()
+        log(f"{stage.name}: {damage}; no longer counts as finished, the next run redoes it")
+        redo.append(stage.name)
+    return redo

@@ -13,10 +13,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from hermes_pipeline.disk import check_free_space
 from hermes_pipeline.errors import UserError
 from hermes_pipeline.merge.gguf_check import GgufReport, reference_of, verify_gguf
 from hermes_pipeline.merge.server_check import sampling_defaults
-from hermes_pipeline.merge.shards import check_free_space, model_bytes
+from hermes_pipeline.merge.shards import model_bytes
 from hermes_pipeline.recipe.schema import GGUF_TYPES, Recipe
 from hermes_pipeline.remote_code import refuse_custom_code
 from hermes_pipeline.rundir import (

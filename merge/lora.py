@@ -335,7 +335,7 @@ def write_merged_model(
     """A complete merged model folder (weights, config, tokenizer, generation config), verified before it
     is renamed into place. Returns the largest logit difference from the PEFT model."""
     from hermes_pipeline.chat_format.tokens import save_tokenizer
-    from hermes_pipeline.merge.shards import check_free_space
+    from hermes_pipeline.disk import check_free_space
     from hermes_pipeline.rundir import staged_output
 
     check_free_space(out_dir.parent, int(1.1 * merged_size(base)))

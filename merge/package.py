@@ -24,6 +24,7 @@ from transformers import (
 
 from hermes_pipeline.chat_format.templates import TEMPLATE_NAMES, hermes_templates
 from hermes_pipeline.chat_format.tokens import IM_END, save_tokenizer
+from hermes_pipeline.disk import check_free_space
 from hermes_pipeline.errors import UserError
 from hermes_pipeline.merge.card import PUBLISHED
 from hermes_pipeline.merge.lora import (
@@ -34,7 +35,7 @@ from hermes_pipeline.merge.lora import (
     verify_merge,
 )
 from hermes_pipeline.merge.probes import max_difference, probe_ids, probe_logits
-from hermes_pipeline.merge.shards import check_free_space, iter_tensors, model_bytes, parse_size, write_shards
+from hermes_pipeline.merge.shards import iter_tensors, model_bytes, parse_size, write_shards
 from hermes_pipeline.models import MODEL_SUBDIR, is_adapter
 from hermes_pipeline.recipe.checks import training_stages
 from hermes_pipeline.recipe.schema import PackageSection, Recipe

@@ -7,7 +7,6 @@ holds them and written out in shards of a bounded size, so the peak is about one
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -99,16 +98,3 @@ def write_shards(tensors: Iterable[tuple[str, torch.Tensor]], out_dir: Path, max
         weight_map.update(dict.fromkeys(names, final))
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     (out_dir / INDEX).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
-
-
-def check_free_space(target: Path, needed_bytes: int) -> None:
-    """Refuse to start a write that cannot finish: a full disk mid-write wastes hours on a large model."""
-    probe = target
-    while not probe.exists():
-        probe = probe.parent
-    free = shutil.disk_usage(probe).free
-    if free < needed_bytes:
-        raise UserError(
-            f"{target}: needs about {needed_bytes / 1e9:.1f} GB but only {free / 1e9:.1f} GB is free there; "
-            "free some space or write elsewhere"
-        )

@@ -34,10 +34,18 @@ def _parent(value: Any, path: tuple) -> Any:
     return value
 
 
-def mutate(row: dict[str, Any], rng: random.Random) -> bytes:
-    """One broken JSON line: a key dropped, a value of the wrong type or size, bad bytes, or cut short."""
+KINDS = ("drop", "retype", "huge", "deep", "role", "truncate", "bad_utf8", "not_object")
+# What leaves a record's brackets balanced, so inside a JSON array the records after it still read.
+WELL_FORMED = ("drop", "retype", "huge", "deep", "role", "not_object")
+DEEP = "[" * 5000 + "]" * 5000  # far past any parser's nesting limit
+_DEEP_MARK = "\u0000deep\u0000"
+
+
+def mutate(row: dict[str, Any], rng: random.Random, kinds: tuple[str, ...] = KINDS) -> bytes:
+    """One broken JSON record: a key dropped, a value of the wrong type, size or depth, bad bytes, or cut
+    short."""
     row = copy.deepcopy(row)
-    kind = rng.choice(["drop", "retype", "huge", "role", "truncate", "bad_utf8", "not_object"])
+    kind = rng.choice(kinds)
     if kind == "not_object":
         return json.dumps(rng.choice([[row], 42, "row", None])).encode()
     path = rng.choice(_paths(row))
@@ -48,11 +56,13 @@ def mutate(row: dict[str, Any], rng: random.Random) -> bytes:
         parent[path[-1]] = rng.choice([None, 7, 3.5, True, [], {}, "", [None], {"x": []}])
     elif kind == "huge":
         parent[path[-1]] = HUGE
+    elif kind == "deep":
+        parent[path[-1]] = _DEEP_MARK
     elif kind == "role":
         for p in _paths(row):
             if p[-1] in ("from", "role"):
                 _parent(row, p)[p[-1]] = rng.choice(["bot", "gpt4", "", "USER", "function"])
-    line = json.dumps(row, ensure_ascii=False).encode()
+    line = json.dumps(row, ensure_ascii=False).replace(json.dumps(_DEEP_MARK), DEEP).encode()
     if kind == "truncate":
         return line[: rng.randrange(1, len(line))]
     if kind == "bad_utf8":
@@ -108,6 +118,35 @@ def test_mutated_rows_never_crash_and_never_change_valid_output(tmp_path: Path) 
     clean, fuzzed = _by_id(clean_out), _by_id(fuzz_out)
     for key, row in clean.items():
         assert fuzzed[key] == row, f"valid row {key} changed when broken rows were added"
+
+
+@pytest.mark.slow
+def test_broken_records_inside_json_arrays_are_rejected_and_the_rest_read(tmp_path: Path) -> None:
+    """The published sets are JSON arrays as often as JSON lines: one record too deep, too large or of the
+    wrong shape is one reject, and every record after it is read."""
+    rng = random.Random(4321)
+    specs, expected_rows = [], {}
+    for spec in TEXT_SOURCES:
+        originals = [r.data for r in iter_records(str(FIXTURES / spec["path"]))]
+        records = [json.dumps(r, ensure_ascii=False).encode() for r in originals]
+        for _ in range(40):
+            at = rng.randrange(len(records) + 1)
+            records.insert(at, mutate(rng.choice(originals), rng, WELL_FORMED))
+        path = tmp_path / f"{spec['name']}.json"
+        path.write_bytes(b"[\n" + b",\n".join(records) + b"\n]\n")
+        specs.append({**spec, "path": str(path)})
+        expected_rows[spec["name"]] = len(records)
+
+    _, clean = prep(write_recipe(tmp_path / "clean", list(TEXT_SOURCES)))
+    out, report = prep(write_recipe(tmp_path / "run", specs))
+    rejected_lines = (out / "rejects.jsonl").read_text().splitlines()
+    for name, count in expected_rows.items():
+        stats = report["sources"][name]
+        assert stats["rows_in"] == count, name
+        assert stats["rows_out"] >= clean["sources"][name]["rows_out"], f"{name}: valid records lost"
+        assert stats["rows_out"] + stats["rejected"] == count, name
+        assert sum(1 for line in rejected_lines if json.loads(line)["source"] == name) == stats["rejected"]
+    assert any("deep" in json.loads(line)["reason"] for line in rejected_lines)
 
 
 @pytest.mark.slow

@@ -116,3 +116,26 @@ def test_a_finished_stage_with_a_damaged_output_is_done_again(tmp_path: Path) ->
     assert run_stage(recipe, "package", folder, {}, body, log=messages.append)
     assert messages[-1] == f"package: {folder / 'weights'} is missing; redoing the stage"
     assert len(runs) == 3 and (folder / "weights").stat().st_size == 100
+
+
+def test_verify_unmarks_a_stage_whose_output_changed_at_the_same_size(tmp_path: Path) -> None:
+    recipe_path = write_recipe(tmp_path, small_recipe_dict(tmp_path / "run"))
+    recipe = load_recipe(recipe_path)
+    folder = stage_dir(recipe, "final")
+
+    def body(partial: Path) -> None:
+        (partial / "weights").write_bytes(b"w" * 100)
+
+    run_stage(recipe, "package", folder, {}, body)
+    assert "package: every output matches its manifest" in cli("verify", str(recipe_path)).stdout
+    with (folder / "weights").open("r+b") as weights:
+        weights.write(b"x")  # one byte flipped: the size check on every start cannot see it
+    assert run_stage(recipe, "package", folder, {}, lambda _: None, log=lambda _: None) is False
+
+    verified = cli("verify", str(recipe_path)).stdout
+    assert (
+        f"package: {folder / 'weights'} differs from the sha256 its manifest recorded; "
+        "no longer counts as finished, the next run redoes it"
+    ) in verified
+    assert not (folder / MANIFEST).exists() and "prep" not in verified  # prep never ran: nothing to check
+    assert run_stage(recipe, "package", folder, {}, lambda _: None, log=lambda _: None) is True

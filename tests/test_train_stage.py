@@ -6,6 +6,7 @@ import copy
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -128,6 +129,9 @@ def test_a_killed_run_resumes_to_the_same_weights(tmp_path: Path, prep_dir: Path
     cli("train", "sft", str(killed))
     summary = json.loads((killed_run / "sft" / "summary.json").read_text())
     assert kill_after <= summary["resumed_from_step"] < 12, f"killed after step {kill_after} (seed {seed})"
+    straight_summary = json.loads((straight_run / "sft" / "summary.json").read_text())
+    assert summary["steps"] == 12
+    assert summary["train_loss"] == pytest.approx(straight_summary["train_loss"], rel=1e-6)
     assert not cut_off.exists()
     expected, resumed = _weights(straight_run / "sft" / "model"), _weights(killed_run / "sft" / "model")
     assert expected.keys() == resumed.keys()
@@ -135,6 +139,32 @@ def test_a_killed_run_resumes_to_the_same_weights(tmp_path: Path, prep_dir: Path
         torch.testing.assert_close(
             resumed[name], tensor, atol=0, rtol=0, msg=f"{name} (killed after {kill_after}, seed {seed})"
         )
+
+
+def test_a_kill_after_the_last_checkpoint_resumes_to_the_same_step_count_and_loss(
+    tmp_path: Path, prep_dir: Path
+) -> None:
+    # 5 steps end inside the first epoch, where transformers would re-enter the epoch and step past the end
+    recipe, run = _setup(tmp_path, prep_dir, sft={"max_steps": 5, "save_steps": 2, "logging_steps": 2})
+    cli("train", "sft", str(recipe))
+    out = run / "sft"
+    finished = json.loads((out / "summary.json").read_text())
+    weights = _weights(out / "model")
+    losses = [line for line in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    assert [json.loads(line)["step"] for line in losses] == [1, 2, 4, 5]  # every save and the last step
+    assert (out / "checkpoints" / "checkpoint-5" / SEAL).is_file()
+    # What a kill between the last seal and the manifest leaves: the sealed last checkpoint, no model.
+    for name in ("MANIFEST.json", "summary.json"):
+        (out / name).unlink()
+    shutil.rmtree(out / "model")
+
+    cli("train", "sft", str(recipe))
+    resumed = json.loads((out / "summary.json").read_text())
+    assert resumed["resumed_from_step"] == 5 and resumed["steps"] == 5
+    assert resumed["train_loss"] == pytest.approx(finished["train_loss"], rel=1e-12)
+    assert [line for line in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in line] == losses
+    for name, tensor in weights.items():
+        torch.testing.assert_close(_weights(out / "model")[name], tensor, atol=0, rtol=0)
 
 
 def test_a_stop_signal_saves_and_exits_for_requeue(tmp_path: Path, prep_dir: Path) -> None:

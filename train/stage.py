@@ -22,6 +22,7 @@ from transformers import AutoTokenizer
 from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
 from hermes_pipeline.chat_format.tokens import save_tokenizer
+from hermes_pipeline.disk import check_free_space, full_disk_in_one_line
 from hermes_pipeline.errors import StageInterrupted, UserError
 from hermes_pipeline.locks import stage_lock
 from hermes_pipeline.models import MODEL_SUBDIR, is_adapter, load_model, load_trained, whole_weights
@@ -35,7 +36,14 @@ from hermes_pipeline.rundir import (
     write_manifest,
 )
 from hermes_pipeline.stages import stage_fingerprint
-from hermes_pipeline.train.callbacks import MetricsLog, SealCheckpoints, StopOnSignal
+from hermes_pipeline.train.callbacks import (
+    CheckFreeSpace,
+    MetricsLog,
+    SealCheckpoints,
+    StopOnSignal,
+    mean_loss,
+    trainable_bytes,
+)
 from hermes_pipeline.train.checkpoints import checkpoint_step, checkpoints, latest_complete, remove_unusable
 from hermes_pipeline.train.data import load_split
 from hermes_pipeline.train.launch import barrier, is_main_process, launched
@@ -50,7 +58,31 @@ PROBE_TOKENS = 64
 VERIFY_TOLERANCE = {"fp32": 1e-4, "bf16": 5e-2, "fp16": 5e-2}
 
 
-class HermesDPOTrainer(DPOTrainer):
+class FinishedResume:
+    """Resuming from the checkpoint of the last step trains nothing more.
+
+    transformers works out where to resume from the step count and the epoch length; when the last step
+    falls inside an epoch (``max_steps``, fractional epochs) it re-enters that epoch and takes one step past
+    the end before it checks for the end. A kill after the last checkpoint was sealed, before the model was
+    saved, would then finish with one step more than an uninterrupted run. Here every epoch counts as done.
+    """
+
+    def _init_training_state(
+        self, max_steps: int, num_update_steps_per_epoch: int, num_train_epochs: int, *args: Any
+    ) -> tuple[int, int]:
+        epochs_done, batches_to_skip = super()._init_training_state(  # type: ignore[misc]
+            max_steps, num_update_steps_per_epoch, num_train_epochs, *args
+        )
+        if self.state.global_step >= max_steps:  # type: ignore[attr-defined]
+            return num_train_epochs, 0
+        return epochs_done, batches_to_skip
+
+
+class HermesSFTTrainer(FinishedResume, SFTTrainer):
+    """TRL's SFTTrainer, resuming a finished run without a step past its end."""
+
+
+class HermesDPOTrainer(FinishedResume, DPOTrainer):
     """TRL's DPOTrainer over prep's shards, which already hold prompt_ids, chosen_ids and rejected_ids.
 
     TRL would tokenize conversations itself; ours were rendered by the Hermes template (tools and earlier
@@ -79,7 +111,8 @@ def check_ready(recipe: Recipe, name: StageName) -> None:
 def run_train(recipe: Recipe, name: StageName, force: bool = False, log: Any = print) -> Path:
     """Train the stage, or skip it when its sealed model matches; the main process holds the stage's lock
     throughout, so a second command on the same stage stops in one line."""
-    with stage_lock(stage_dir(recipe, name)) if is_main_process() else nullcontext():
+    out = stage_dir(recipe, name)
+    with stage_lock(out) if is_main_process() else nullcontext(), full_disk_in_one_line(out):
         return _run_train(recipe, name, force, log)
 
 
@@ -133,6 +166,12 @@ def _run_train(recipe: Recipe, name: StageName, force: bool, log: Any) -> Path:
     partial = final.with_name(final.name + ".partial")
     probe = _probe(train_set if val_set is None else val_set, name)
     expected = _logits(trainer.model, probe)
+    check_free_space(
+        out,
+        trainable_bytes(trainer.model),
+        then="free some space there and run the same command again: it resumes from the last checkpoint",
+        what="the trained model",
+    )
     trainer.save_model(str(partial))
     summary: dict[str, Any] = {}
     if args.process_index == 0:
@@ -183,11 +222,16 @@ def build_trainer(
         "train_dataset": load_split(prep, name, "train", cache),
         "eval_dataset": load_split(prep, name, "val", cache),
         "processing_class": tokenizer,
-        "callbacks": [SealCheckpoints(tokenizer), MetricsLog(out / "metrics.jsonl"), stopper],
+        "callbacks": [
+            SealCheckpoints(tokenizer),
+            stopper,
+            CheckFreeSpace(),
+            MetricsLog(out / "metrics.jsonl"),
+        ],
         "peft_config": lora_config(stage, tokenizer) if stage.mode != "full" else None,
     }
     if name == "sft":
-        return SFTTrainer(**kwargs), stopper
+        return HermesSFTTrainer(**kwargs), stopper
     assert isinstance(stage, DpoStage)
     ref_model = None
     if stage.mode == "full" and not stage.precompute_ref_log_probs:
@@ -332,7 +376,7 @@ def _summary(
         "wall_time_s": round(time.time() - started, 2),
         "peak_memory_gib": round(_peak_memory_gib(), 3),
         "world_size": trainer.args.world_size,
-        "train_loss": train_metrics.get("train_loss"),
+        "train_loss": mean_loss(final.parent / "metrics.jsonl"),
         "eval": eval_metrics,
         "saved_logits_max_abs_diff": difference,
         "model": str(final),
