@@ -31,8 +31,10 @@ demo: $(INSTALLED)
 # Two workers: much of the suite waits on process start-up, SLURM and llama-server rather than computing.
 # A test file runs whole on one worker, so the SLURM tests share one cluster (the trained tiny run is shared
 # across workers by tests/tiny_run.py).
+# One torch thread per test process: two workers (and the tiny run training beside them) on two cores
+# with two threads each measured 2.2x slower than with one, the threads spinning against each other.
 test: $(INSTALLED) lint
-	$(BIN)/pytest -n 2 --dist loadfile --durations=12
+	OMP_NUM_THREADS=1 $(BIN)/pytest -n 2 --dist loadfile --durations=12
 
 lint: $(INSTALLED)
 	$(BIN)/ruff check .
