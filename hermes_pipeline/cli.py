@@ -12,10 +12,14 @@ import logging
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from hermes_pipeline import __version__
 from hermes_pipeline.disk import no_space_left
 from hermes_pipeline.errors import StageInterrupted, UserError
+
+if TYPE_CHECKING:
+    from hermes_pipeline.recipe.schema import Recipe
 
 
 def _add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
@@ -114,32 +118,39 @@ def _validate(args: argparse.Namespace) -> None:
     print(f"{args.recipe}: valid (recipe {recipe.name}, hash {recipe_hash(recipe)})")
 
 
-def _plan(args: argparse.Namespace) -> None:
-    from hermes_pipeline.plan import build_plan, format_plan
+def _recipe(args: argparse.Namespace) -> Recipe:
+    """The command's recipe, loaded before any stage module: those import torch and the data stack, so a
+    bad recipe is refused in a fraction of a second instead of several seconds."""
     from hermes_pipeline.recipe.loader import load_recipe
 
-    plan = build_plan(load_recipe(args.recipe, args.overrides))
+    return load_recipe(args.recipe, args.overrides)
+
+
+def _plan(args: argparse.Namespace) -> None:
+    recipe = _recipe(args)
+    from hermes_pipeline.plan import build_plan, format_plan
+
+    plan = build_plan(recipe)
     print(json.dumps(plan.as_dict(), indent=2) if args.json else format_plan(plan))
 
 
 def _prep(args: argparse.Namespace) -> None:
+    recipe = _recipe(args)
     from hermes_pipeline.data_prep.inspect import inspect_rows
     from hermes_pipeline.data_prep.pipeline import run_prep
-    from hermes_pipeline.recipe.loader import load_recipe
 
-    out = run_prep(load_recipe(args.recipe, args.overrides), force=args.force)
+    out = run_prep(recipe, force=args.force)
     if args.inspect:
         print(inspect_rows(out, args.inspect, color=sys.stdout.isatty()))
 
 
 def _train(args: argparse.Namespace) -> None:
+    recipe = _recipe(args)
     from hermes_pipeline.locks import stage_lock
-    from hermes_pipeline.recipe.loader import load_recipe
     from hermes_pipeline.rundir import stage_dir
     from hermes_pipeline.train.launch import configure_devices, relaunch_command
     from hermes_pipeline.train.stage import check_ready, run_train
 
-    recipe = load_recipe(args.recipe, args.overrides)
     stage = getattr(recipe, args.stage)
     configure_devices(stage.resources, args.stage)
     check_ready(recipe, args.stage)
@@ -259,17 +270,17 @@ def _merge_models(args: argparse.Namespace) -> None:
 
 
 def _package(args: argparse.Namespace) -> None:
+    recipe = _recipe(args)
     from hermes_pipeline.merge.package import run_package
-    from hermes_pipeline.recipe.loader import load_recipe
 
-    run_package(load_recipe(args.recipe, args.overrides), force=args.force)
+    run_package(recipe, force=args.force)
 
 
 def _card(args: argparse.Namespace) -> None:
+    recipe = _recipe(args)
     from hermes_pipeline.merge.card import run_card
-    from hermes_pipeline.recipe.loader import load_recipe
 
-    run_card(load_recipe(args.recipe, args.overrides), force=args.force)
+    run_card(recipe, force=args.force)
 
 
 def _export_gguf(args: argparse.Namespace) -> None:
@@ -283,13 +294,15 @@ def _export_gguf(args: argparse.Namespace) -> None:
         out = Path(args.out) if args.out else target.with_name(target.name + "-gguf")
         export_gguf(target, out, types, target.name, trust_remote_code=args.trust_remote_code)
         return
-    from hermes_pipeline.merge.gguf import run_export
     from hermes_pipeline.recipe.loader import load_recipe
 
     overrides = list(args.overrides)
     if args.types:
         overrides.append(f"export.gguf_types=[{args.types}]")
-    run_export(load_recipe(args.target, overrides), force=args.force)
+    recipe = load_recipe(args.target, overrides)  # before llama.cpp's modules, as _recipe explains
+    from hermes_pipeline.merge.gguf import run_export
+
+    run_export(recipe, force=args.force)
 
 
 def _serve(args: argparse.Namespace) -> None:
@@ -450,10 +463,10 @@ def _eval_harness(args: argparse.Namespace) -> None:
 
 
 def _eval_stage(args: argparse.Namespace) -> None:
+    recipe = _recipe(args)
     from hermes_pipeline.evals.stage import run_eval_stage
-    from hermes_pipeline.recipe.loader import load_recipe
 
-    run_eval_stage(load_recipe(args.recipe, args.overrides), args.after, force=args.force)
+    run_eval_stage(recipe, args.after, force=args.force)
 
 
 def _run(args: argparse.Namespace) -> None:

@@ -284,6 +284,31 @@ def test_cli_exits_2_without_traceback(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr
 
 
+_REFUSE_BEFORE_THE_STACK = """
+import sys
+from hermes_pipeline.cli import main
+
+commands = [["prep"], ["train", "sft"], ["package"], ["card"], ["export", "gguf"], ["eval", "stage", "--after", "sft"],
+            ["plan"], ["verify"], ["run"]]
+codes = [main([*command, sys.argv[1]]) for command in commands]
+print(codes, sorted(name for name in ("torch", "transformers", "datasets", "llama_cpp") if name in sys.modules))
+"""
+
+
+def test_every_stage_command_refuses_a_bad_recipe_before_loading_torch(tmp_path: Path) -> None:
+    """A typo in a recipe is one line in a fraction of a second, not after seconds of imports."""
+    raw = _tiny()
+    raw["seed"] = True
+    path = _write(tmp_path, raw)
+    result = subprocess.run(
+        [sys.executable, "-c", _REFUSE_BEFORE_THE_STACK, str(path)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert result.stdout.strip() == f"{[2] * 9} []", result.stdout + result.stderr[-2000:]
+
+
 def test_missing_recipe_file(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["validate", "no/such/recipe.yaml"]) == 2
     assert capsys.readouterr().err.strip() == "no/such/recipe.yaml: recipe file not found"
@@ -536,7 +561,7 @@ def _in_a_work_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 @pytest.mark.parametrize(
     "run_dir",
-    ["/", "/etc/../etc", "/usr/lib/hermes", "/proc/self/run", "/dev", "${HOME}", "${HOME}/", "../" * 40, "usr-link/run", "/tmp"],
+    ["/", "/etc/../etc", "/usr/lib/hermes", "/proc/self/run", "/dev", "${HOME}", "${HOME}/", "~", "~/", "../" * 40, "usr-link/run", "/tmp"],
 )  # fmt: skip
 def test_run_dir_cannot_be_a_system_folder(
     run_dir: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
@@ -555,7 +580,7 @@ def test_run_dir_cannot_be_a_system_folder(
 
 @pytest.mark.parametrize(
     "run_dir",
-    ["runs/x", "../elsewhere/run", "${HOME}/runs/x", "TMP/scratch/me/run", "/tmp/hermes-run", "/dev/shm/hermes-run", "/var/tmp/me/run"],
+    ["runs/x", "../elsewhere/run", "${HOME}/runs/x", "~/runs/x", "TMP/scratch/me/run", "/tmp/hermes-run", "/dev/shm/hermes-run", "/var/tmp/me/run"],
 )  # fmt: skip
 def test_run_dir_may_be_any_folder_of_ones_own(
     run_dir: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -563,7 +588,9 @@ def test_run_dir_may_be_any_folder_of_ones_own(
     """Cluster users point run_dir at shared scratch, node-local scratch or a path relative to the job's folder."""
     _in_a_work_folder(tmp_path, monkeypatch)
     run_dir = run_dir.replace("TMP", str(tmp_path))
-    assert load_recipe(TINY, [f"run_dir={run_dir}"]).run_dir == os.path.expandvars(run_dir)
+    assert load_recipe(TINY, [f"run_dir={run_dir}"]).run_dir == os.path.expanduser(
+        os.path.expandvars(run_dir)
+    )
 
 
 _VALUE_LINE = re.compile(r"^( *)(\w+): (\S.*)$", re.MULTILINE)

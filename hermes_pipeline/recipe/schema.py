@@ -103,8 +103,10 @@ def _run_name(value: str) -> str:
 
 def _own_folder(value: str) -> str:
     """Each stage replaces its subfolder of the run directory (prep/, sft/, merge/, ...) wholesale, so the run
-    directory must be a folder of the user's own, never the system's or a shared root. A relative run_dir is
-    resolved as the stages use it, against the working directory, and symlinks are followed."""
+    directory must be a folder of the user's own, never the system's or a shared root. A leading ~ is the
+    user's home, as in a shell; a relative run_dir is resolved as the stages use it, against the working
+    directory, and symlinks are followed."""
+    value = os.path.expanduser(value)
     where = Path(value).resolve()
     trees = [Path(tree).resolve() for tree in SYSTEM_TREES]
     roots = [Path(root).resolve() for root in (*SHARED_ROOTS, os.path.expanduser("~"))]
