@@ -272,6 +272,33 @@ def test_invalid_deepspeed_json(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert "sft.deepspeed:" in err and "not valid JSON" in err
 
 
+@pytest.mark.parametrize(
+    ("content", "words"),
+    [
+        (b"[1, 2]", "has no zero_optimization.stage"),
+        (b'{"zero_optimization": "3"}', "has no zero_optimization.stage"),
+        (b'{"zero_optimization": {"stage": true}}', "has no zero_optimization.stage"),
+        (b'{"zero_optimization": {"stage": 7}}', "DeepSpeed knows 0, 1, 2 and 3"),
+        (b'{"zero_optimization": {"stage": 3, "offload_optimizer": "cpu"}}', "must be an object"),
+        (b'{"zero_optimization": {"stage": 3, "offload_param": [1]}}', "must be an object"),
+        (b"[" * 100_000 + b"]" * 100_000, "nests deeper than the JSON reader follows"),
+        (b'{"a": "\xff\xfe"}', "is not UTF-8 text"),
+        (b" " * (2 << 20), "a DeepSpeed config is a few kB of JSON"),
+    ],
+)
+def test_hostile_deepspeed_config_is_one_line(
+    content: bytes, words: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "ds.json").write_bytes(content)
+    raw = _tiny()
+    raw["sft"]["deepspeed"] = str(tmp_path / "ds.json")
+    path = _write(tmp_path, raw)
+    assert main(["validate", str(path)]) == 2
+    assert main(["plan", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 2 and "sft.deepspeed:" in err and words in err, err[-2000:]
+
+
 def test_cli_exits_2_without_traceback(tmp_path: Path) -> None:
     raw = _tiny()
     raw["sft"]["learning_rate"] = -1

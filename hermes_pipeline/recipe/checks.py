@@ -11,6 +11,7 @@ import numbers
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from hermes_pipeline.errors import UserError
 from hermes_pipeline.recipe.limits import shown
@@ -130,21 +131,47 @@ def _check_training_modes(recipe: Recipe) -> Iterator[Problem]:
         yield "merge.lora_base", "'dequantized' only applies to QLoRA adapters; no stage uses mode qlora"
 
 
+# A DeepSpeed config is a few kB; anything near this is not one.
+DEEPSPEED_MAX_BYTES = 1 << 20
+
+
 def zero_settings(path: str) -> tuple[int, bool, bool]:
-    """ZeRO stage and whether optimizer / parameters are offloaded, read from a DeepSpeed JSON config."""
+    """ZeRO stage and whether optimizer / parameters are offloaded, read from a DeepSpeed JSON config.
+
+    Whatever the file holds, a problem is one ``UserError`` line: the recipe check prints it with the key."""
+    file = Path(path)
     try:
-        config = json.loads(Path(path).read_text(encoding="utf-8"))
-        zero = config["zero_optimization"]
-        stage = int(zero["stage"])
+        if file.stat().st_size > DEEPSPEED_MAX_BYTES:
+            raise UserError(
+                f"is over {DEEPSPEED_MAX_BYTES // 1024} KiB; a DeepSpeed config is a few kB of JSON"
+            )
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise UserError(f"cannot be read ({exc.strerror})") from None
+    except UnicodeDecodeError:
+        raise UserError("is not UTF-8 text") from None
     except json.JSONDecodeError as exc:
         raise UserError(f"not valid JSON ({exc.msg} at line {exc.lineno})") from None
-    except (KeyError, TypeError, ValueError):
-        raise UserError("has no zero_optimization.stage (0, 1, 2 or 3)") from None
+    except RecursionError:
+        raise UserError("nests deeper than the JSON reader follows") from None
+    zero = config.get("zero_optimization") if isinstance(config, dict) else None
+    stage = zero.get("stage") if isinstance(zero, dict) else None
+    if isinstance(stage, str) and stage.isdigit():
+        stage = int(stage)
+    if not isinstance(zero, dict) or type(stage) is not int:
+        raise UserError("has no zero_optimization.stage (0, 1, 2 or 3)")
     if stage not in (0, 1, 2, 3):
         raise UserError(f"zero_optimization.stage is {stage}; DeepSpeed knows 0, 1, 2 and 3")
-    offload = zero.get("offload_optimizer", {}).get("device", "none") not in ("none", None)
-    offload_params = zero.get("offload_param", {}).get("device", "none") not in ("none", None)
-    return stage, offload, offload_params
+    return stage, _offloaded(zero, "offload_optimizer"), _offloaded(zero, "offload_param")
+
+
+def _offloaded(zero: dict[str, Any], key: str) -> bool:
+    section = zero.get(key, {})
+    if section is None:
+        return False
+    if not isinstance(section, dict):
+        raise UserError(f'zero_optimization.{key} must be an object such as {{"device": "cpu"}}')
+    return section.get("device", "none") not in ("none", None)
 
 
 def _check_deepspeed(recipe: Recipe) -> Iterator[Problem]:
