@@ -245,15 +245,15 @@ def _add_merge_commands(commands: argparse._SubParsersAction) -> None:
 def _merge_lora(args: argparse.Namespace) -> None:
     from pathlib import Path
 
+    if args.recipe is not None:
+        recipe = _recipe(args)
+        from hermes_pipeline.merge.lora import run_merge_lora
+
+        run_merge_lora(recipe)
+        return
     from hermes_pipeline.merge.lora import adapter_chain, write_merged_model
     from hermes_pipeline.merge.shards import parse_size
 
-    if args.recipe is not None:
-        from hermes_pipeline.merge.lora import run_merge_lora
-        from hermes_pipeline.recipe.loader import load_recipe
-
-        run_merge_lora(load_recipe(args.recipe, args.overrides))
-        return
     if args.adapter is None or args.out is None:
         raise UserError("merge lora: give a RECIPE, or --adapter DIR and --out DIR (and --base if needed)")
     base, chain = adapter_chain(Path(args.adapter), args.base)
@@ -263,10 +263,10 @@ def _merge_lora(args: argparse.Namespace) -> None:
 
 
 def _merge_models(args: argparse.Namespace) -> None:
+    recipe = _recipe(args)
     from hermes_pipeline.merge.models import run_model_merge
-    from hermes_pipeline.recipe.loader import load_recipe
 
-    run_model_merge(load_recipe(args.recipe, args.overrides), force=args.force)
+    run_model_merge(recipe, force=args.force)
 
 
 def _package(args: argparse.Namespace) -> None:
@@ -473,10 +473,9 @@ def _run(args: argparse.Namespace) -> None:
     """Each stage runs as its own command, as it would in a cluster job: a training stage starts one
     process per device, and every stage frees its memory before the next one starts. A finished stage
     whose inputs have not changed is skipped by the stage itself."""
-    from hermes_pipeline.recipe.loader import load_recipe
     from hermes_pipeline.stages import recipe_stages, verify_outputs
 
-    recipe = load_recipe(args.recipe, args.overrides)
+    recipe = _recipe(args)
     stages = recipe_stages(recipe, args.recipe, args.overrides)
     if args.verify:
         verify_outputs(stages)
@@ -527,10 +526,9 @@ def _at_least(low: int) -> Callable[[str], int]:
 
 
 def _verify(args: argparse.Namespace) -> None:
-    from hermes_pipeline.recipe.loader import load_recipe
     from hermes_pipeline.stages import recipe_stages, verify_outputs
 
-    recipe = load_recipe(args.recipe, args.overrides)
+    recipe = _recipe(args)
     verify_outputs(recipe_stages(recipe, args.recipe, args.overrides))
 
 

@@ -1,17 +1,20 @@
 import os
 
 import pytest
-import tiny_run as tiny
 from slurm_support import slurm_cluster  # noqa: F401 - a real SLURM cluster, started once per session
-from tiny_run import tiny_run  # noqa: F401 - the tiny recipe trained in full, once per session
+from tiny_run import (
+    start_early,
+    stop_early,
+    tiny_run,  # noqa: F401 - the tiny recipe trained in full, once per session
+)
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
-    tiny.start_early(session)
+    start_early(session)
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    tiny.stop_early(interrupted=exitstatus == pytest.ExitCode.INTERRUPTED)
+    stop_early(interrupted=exitstatus == pytest.ExitCode.INTERRUPTED)

@@ -65,6 +65,8 @@ class FinishedResume:
     falls inside an epoch (``max_steps``, fractional epochs) it re-enters that epoch and takes one step past
     the end before it checks for the end. A kill after the last checkpoint was sealed, before the model was
     saved, would then finish with one step more than an uninterrupted run. Here every epoch counts as done.
+    ``_init_training_state`` is transformers' own (5.x) split of that computation; the resume tests in
+    tests/test_train_stage.py fail if a release stops calling it.
     """
 
     def _init_training_state(
