@@ -146,7 +146,7 @@ def test_a_kill_after_the_last_checkpoint_resumes_to_the_same_step_count_and_los
 
 def test_a_stop_signal_saves_and_exits_for_requeue(tmp_path: Path, prep_dir: Path) -> None:
     recipe, run = _setup(tmp_path, prep_dir, sft={"max_steps": 8, "save_steps": 4})
-    process = popen_cli(recipe)
+    process = popen_cli("train", "sft", str(recipe))
     wait_for_seal(process, run / "sft" / "checkpoints" / "checkpoint-4")
     process.send_signal(signal.SIGUSR1)
     _, stderr = process.communicate(timeout=300)
