@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE := 1
 LLAMA_CMAKE_ARGS ?= -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_UI=OFF \
 	-DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_APP=OFF
 
-.PHONY: demo test lint format clean gpu-check
+.PHONY: demo test lint format clean gpu-check axolotl-env
 
 # torch first, from the local CPU wheel: pyproject allows a range, which a bare resolution would fill with a
 # CUDA build.
@@ -33,8 +33,14 @@ demo: $(INSTALLED)
 # across workers by tests/tiny_run.py).
 # One torch thread per test process: two workers (and the tiny run training beside them) on two cores
 # with two threads each measured 2.2x slower than with one, the threads spinning against each other.
-test: $(INSTALLED) lint
+test: $(INSTALLED) lint axolotl-env
 	OMP_NUM_THREADS=1 $(BIN)/pytest -n 2 --dist loadfile --durations=12
+
+# The axolotl backend trains in axolotl's own environment (its pins differ from ours): about 4 GB, made once
+# per machine in ~/.cache/hermes-pipeline unless HERMES_AXOLOTL_ENV names another place; a later run only
+# checks it. The tests train through it.
+axolotl-env: $(INSTALLED)
+	$(BIN)/hermes-pipeline setup axolotl
 
 lint: $(INSTALLED)
 	$(BIN)/ruff check .

@@ -12,6 +12,7 @@ import logging
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from hermes_pipeline import __version__
@@ -85,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--force", action="store_true", help="discard checkpoints and outputs; start over")
     train.set_defaults(handler=_train)
 
+    _add_setup_commands(commands)
     _add_merge_commands(commands)
     _add_eval_commands(commands)
     _add_slurm_commands(commands)
@@ -161,6 +163,32 @@ def _train(args: argparse.Namespace) -> None:
         sys.exit(subprocess.call(command))
 
     run_train(recipe, args.stage, force=args.force)
+
+
+def _add_setup_commands(commands: argparse._SubParsersAction) -> None:
+    setup = commands.add_parser(
+        "setup", help="make a tool's own environment now instead of on first use (axolotl)"
+    )
+    tools = setup.add_subparsers(dest="tool", required=True, metavar="TOOL")
+    axolotl = tools.add_parser(
+        "axolotl",
+        help="the environment the axolotl backend trains in (about 4 GB, several minutes, once)",
+    )
+    axolotl.add_argument(
+        "--env",
+        type=Path,
+        default=None,
+        help="where to make it (default $HERMES_AXOLOTL_ENV, else ~/.cache/hermes-pipeline/axolotl-VERSION); "
+        "training finds it through $HERMES_AXOLOTL_ENV",
+    )
+    axolotl.set_defaults(handler=_setup_axolotl)
+
+
+def _setup_axolotl(args: argparse.Namespace) -> None:
+    from hermes_pipeline.axolotl_env import ensure_env
+
+    python = ensure_env(args.env.expanduser().absolute() if args.env else None)
+    print(f"axolotl's environment is ready: {python.parent.parent}")
 
 
 def _add_merge_commands(commands: argparse._SubParsersAction) -> None:
@@ -472,7 +500,9 @@ def _eval_stage(args: argparse.Namespace) -> None:
 def _run(args: argparse.Namespace) -> None:
     """Each stage runs as its own command, as it would in a cluster job: a training stage starts one
     process per device, and every stage frees its memory before the next one starts. A finished stage
-    whose inputs have not changed is skipped by the stage itself."""
+    whose inputs have not changed is skipped by the stage itself. A stop signal is passed on to the stage,
+    and a killed `run` takes its stage down with it."""
+    from hermes_pipeline.children import run_child
     from hermes_pipeline.stages import recipe_stages, verify_outputs
 
     recipe = _recipe(args)
@@ -481,7 +511,7 @@ def _run(args: argparse.Namespace) -> None:
         verify_outputs(stages)
     for stage in stages:
         print(f"== {stage.name}: hermes-pipeline {' '.join(stage.command)}", flush=True)
-        code = subprocess.call([sys.executable, "-m", "hermes_pipeline.cli", *stage.command])
+        code = run_child([sys.executable, "-m", "hermes_pipeline.cli", *stage.command])
         if code != 0:
             sys.exit(code)
 

@@ -26,13 +26,14 @@ def lock_file(folder: Path) -> Path:
 
 
 @contextmanager
-def stage_lock(folder: Path) -> Iterator[None]:
-    """Hold ``folder``'s lock for the body; a UserError naming the holder when another process has it."""
+def stage_lock(folder: Path, wait: bool = False) -> Iterator[None]:
+    """Hold ``folder``'s lock for the body; a UserError naming the holder when another process has it,
+    or, with ``wait``, once that process lets it go."""
     path = lock_file(folder)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a+", encoding="utf-8") as handle:
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(handle, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             handle.seek(0)
             holder = handle.read().strip() or "a process that did not say who it is"

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from hermes_pipeline.axolotl_env import ENV_VARIABLE, env_dir, is_ready
 from hermes_pipeline.errors import UserError
 from hermes_pipeline.recipe.checks import training_stages
 from hermes_pipeline.recipe.loader import load_recipe, recipe_hash
@@ -86,6 +87,7 @@ def submit(request: SubmitRequest, log: Callable[[str], None] = print) -> list[S
         log(_plan(to_run, files))
         return []
 
+    _check_axolotl_env(to_run, recipe)
     running = active_jobs(files)
     if running:
         raise UserError(
@@ -125,6 +127,19 @@ def _job_options(request: SubmitRequest, recipe: Recipe, workdir: Path, digest: 
         time=request.time,
         launchers_per_node=request.launchers_per_node,
     )
+
+
+def _check_axolotl_env(stages: list[Stage], recipe: Recipe) -> None:
+    """A stage training through axolotl needs its environment made before the job starts: a compute node
+    may have no package index to make it from."""
+    uses = [
+        s.kind for s in stages if s.kind in ("sft", "dpo") and getattr(recipe, s.kind).backend == "axolotl"
+    ]
+    if uses and not is_ready():
+        raise UserError(
+            f"{uses[0]}.backend is axolotl but its environment is not made at {env_dir()}; run `hermes-pipeline "
+            f"setup axolotl` first, with {ENV_VARIABLE} naming a folder every node sees"
+        )
 
 
 def _with_resource_overrides(request: SubmitRequest) -> tuple[str, ...]:

@@ -65,10 +65,8 @@ def test_vision_recipe_is_refused_until_its_stages_exist(
         (["prep"], VISION, VISION_REFUSAL[0]),
         (["run"], VISION, VISION_REFUSAL[0]),
         (["slurm", "submit", "--dry-run"], VISION, VISION_REFUSAL[0]),
-        (["train", "sft", "--set", "sft.backend=axolotl"], TINY, f"{TINY}: sft.backend: axolotl is not built yet; use trl (from --set)"),
-        (["slurm", "submit", "--dry-run", "--set", "dpo.backend=axolotl"], TINY, f"{TINY}: dpo.backend: axolotl is not built yet; use trl (from --set)"),
     ],
-    ids=["plan", "prep", "run", "slurm-submit", "train-axolotl", "slurm-submit-axolotl"],
+    ids=["plan", "prep", "run", "slurm-submit"],
 )  # fmt: skip
 def test_every_entry_point_refuses_what_is_not_built(
     command: list[str],
@@ -180,8 +178,7 @@ BROKEN: list[tuple[str, Callable[[dict], None], str, str]] = [
     ("sft data fed to dpo", _set("data.sources.0.stage", "dpo"), "data.sources[0].stage", "has no rejected answers"),
     ("vision section", _set("vision", {"tower": "google/siglip-so400m-patch14-384", "projector_pretrain": {}}), "vision", "the Vision stages (projector pre-training, visual instruction tuning) are not built yet; remove the vision section to train text only"),
     ("projector data", _set("data.sources.0.stage", "projector"), "data.sources[0].stage", "projector feeds the Vision stages, which are not built yet; remove this source to train text only"),
-    ("axolotl sft", _set("sft.backend", "axolotl"), "sft.backend", "axolotl is not built yet; use trl"),
-    ("axolotl dpo", _set("dpo.backend", "axolotl"), "dpo.backend", "axolotl is not built yet; use trl"),
+    ("axolotl on CPU processes", lambda raw: (_set("sft.backend", "axolotl")(raw), _set("sft.resources.processes_per_node", 2)(raw)), "sft.resources", "axolotl trains in several processes only on GPUs, and this asks for 2 CPU processes; use one process on CPU, or backend trl"),
 ]  # fmt: skip
 
 

@@ -8,15 +8,13 @@ import os
 import random
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from train_support import ROOT, cli, prepared, small_recipe_dict, write_recipe
+from train_support import cli, popen_cli, prepared, small_recipe_dict, wait_for_seal, write_recipe
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from hermes_pipeline.chat_format.tokens import CHAT_TOKENS, IM_END
@@ -84,27 +82,6 @@ def test_sft_then_dpo_write_verified_models_curves_and_manifests(tmp_path: Path,
     assert "up to date" in rerun.stdout
 
 
-def _popen(recipe: Path) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "hermes_pipeline.cli", "train", "sft", str(recipe)],
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-
-
-def _wait_for_seal(process: subprocess.Popen[str], checkpoint: Path) -> None:
-    deadline = time.time() + 300
-    while not (checkpoint / SEAL).is_file():
-        assert process.poll() is None, (
-            f"training ended before {checkpoint.name}: {process.stderr.read()[-3000:]}"
-        )
-        assert time.time() < deadline
-        time.sleep(0.05)
-
-
 def test_a_killed_run_resumes_to_the_same_weights(tmp_path: Path, prep_dir: Path) -> None:
     steps = {"max_steps": 12, "save_steps": 2}
     straight, straight_run = _setup(tmp_path / "straight", prep_dir, sft=steps)
@@ -116,8 +93,8 @@ def test_a_killed_run_resumes_to_the_same_weights(tmp_path: Path, prep_dir: Path
     print(f"kill point seed {seed}; replay with HERMES_KILL_SEED={seed}")
     rng = random.Random(seed)
     kill_after = rng.choice([2, 4, 6])
-    process = _popen(killed)
-    _wait_for_seal(process, killed_run / "sft" / "checkpoints" / f"checkpoint-{kill_after}")
+    process = popen_cli("train", "sft", str(killed))
+    wait_for_seal(process, killed_run / "sft" / "checkpoints" / f"checkpoint-{kill_after}")
     time.sleep(rng.uniform(0, 0.3))  # anywhere in the next step or the next save, well before the end
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
@@ -169,8 +146,8 @@ def test_a_kill_after_the_last_checkpoint_resumes_to_the_same_step_count_and_los
 
 def test_a_stop_signal_saves_and_exits_for_requeue(tmp_path: Path, prep_dir: Path) -> None:
     recipe, run = _setup(tmp_path, prep_dir, sft={"max_steps": 8, "save_steps": 4})
-    process = _popen(recipe)
-    _wait_for_seal(process, run / "sft" / "checkpoints" / "checkpoint-4")
+    process = popen_cli("train", "sft", str(recipe))
+    wait_for_seal(process, run / "sft" / "checkpoints" / "checkpoint-4")
     process.send_signal(signal.SIGUSR1)
     _, stderr = process.communicate(timeout=300)
     assert process.returncode == 75, stderr[-3000:]

@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ import yaml
 from hermes_pipeline.data_prep.pipeline import run_prep
 from hermes_pipeline.recipe.loader import load_recipe
 from hermes_pipeline.recipe.schema import Recipe
+from hermes_pipeline.train.checkpoints import SEAL
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "data" / "tiny"
@@ -111,3 +113,26 @@ def cli(
             f"hermes-pipeline {' '.join(args)} exited {result.returncode}:\n{result.stderr[-4000:]}"
         )
     return result
+
+
+def popen_cli(*args: str) -> subprocess.Popen[str]:
+    """``hermes-pipeline`` started in the background in its own session, for a test to signal or kill."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "hermes_pipeline.cli", *args],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+
+
+def wait_for_seal(process: subprocess.Popen[str], checkpoint: Path) -> None:
+    """Wait until ``checkpoint`` is sealed; fail if the process ends first."""
+    deadline = time.time() + 300
+    while not (checkpoint / SEAL).is_file():
+        assert process.poll() is None, (
+            f"training ended before {checkpoint.name}: {process.stderr.read()[-3000:]}"
+        )
+        assert time.time() < deadline
+        time.sleep(0.05)

@@ -18,12 +18,10 @@ from transformers import (
 )
 
 from hermes_pipeline.chat_format.tokens import save_tokenizer
+from hermes_pipeline.children import STOP_SIGNALS
 from hermes_pipeline.disk import check_free_space, folder_bytes
 from hermes_pipeline.train.checkpoints import checkpoints, seal
 from hermes_pipeline.train.launch import barrier
-
-# SLURM sends USR1 ahead of the time limit when asked (--signal=B:USR1@300); TERM comes with preemption.
-STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 
 
 class SealCheckpoints(TrainerCallback):

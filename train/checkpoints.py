@@ -14,6 +14,7 @@ import json
 import re
 import shutil
 from pathlib import Path
+from typing import Any
 
 from hermes_pipeline.rundir import size_mismatch
 
@@ -75,3 +76,25 @@ def remove_unusable(folder: Path) -> list[tuple[Path, str]]:
             shutil.rmtree(path)
             removed.append((path, reason))
     return removed
+
+
+class FinishedResume:
+    """A Trainer mixin: resuming from the checkpoint of the last step trains nothing more.
+
+    transformers works out where to resume from the step count and the epoch length; when the last step
+    falls inside an epoch (``max_steps``, fractional epochs) it re-enters that epoch and takes one step past
+    the end before it checks for the end. A kill after the last checkpoint was sealed, before the model was
+    saved, would then finish with one step more than an uninterrupted run. Here every epoch counts as done.
+    ``_init_training_state`` is transformers' own (5.x) split of that computation; the resume tests in
+    tests/test_train_stage.py fail if a release stops calling it. Both backends' trainers use it.
+    """
+
+    def _init_training_state(
+        self, max_steps: int, num_update_steps_per_epoch: int, num_train_epochs: int, *args: Any
+    ) -> tuple[int, int]:
+        epochs_done, batches_to_skip = super()._init_training_state(  # type: ignore[misc]
+            max_steps, num_update_steps_per_epoch, num_train_epochs, *args
+        )
+        if self.state.global_step >= max_steps:  # type: ignore[attr-defined]
+            return num_train_epochs, 0
+        return epochs_done, batches_to_skip

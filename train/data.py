@@ -36,6 +36,11 @@ def load_split(prep: Path, stage: str, split: str, cache_dir: Path) -> Dataset |
                 f"{prep / stage}: no {split} shards; run `hermes-pipeline prep` for this recipe first"
             )
         return None
+    return load_files(files, stage, cache_dir)
+
+
+def load_files(files: list[str], stage: str, cache_dir: Path) -> Dataset:
+    """Shard files of one stage as a dataset with the trainer's column names (and no other column)."""
     columns = COLUMNS[stage]
     dataset = load_dataset("parquet", data_files=files, split="train", cache_dir=str(cache_dir))
     dataset = dataset.select_columns(list(columns))

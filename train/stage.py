@@ -9,16 +9,16 @@ Every rank runs this function; only rank 0 writes files outside the trainer's ow
 from __future__ import annotations
 
 import json
-import resource
 import shutil
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from datasets import Dataset
-from transformers import AutoTokenizer
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
 from hermes_pipeline.chat_format.tokens import save_tokenizer
@@ -44,40 +44,23 @@ from hermes_pipeline.train.callbacks import (
     mean_loss,
     trainable_bytes,
 )
-from hermes_pipeline.train.checkpoints import checkpoint_step, checkpoints, latest_complete, remove_unusable
+from hermes_pipeline.train.checkpoints import (
+    FinishedResume,
+    checkpoint_step,
+    checkpoints,
+    latest_complete,
+    remove_unusable,
+)
 from hermes_pipeline.train.data import load_split
 from hermes_pipeline.train.launch import barrier, is_main_process, launched
 from hermes_pipeline.train.model import lora_config, record_adapter_base, starting_point, upstream_manifest
 from hermes_pipeline.train.plots import write_plots
+from hermes_pipeline.train.probe import PROBE_ROWS, logits, probe_batch, run_facts
 from hermes_pipeline.train.tracking import configure_wandb, run_name
 
 StageName = Literal["sft", "dpo"]
-PROBE_ROWS = 2
-PROBE_TOKENS = 64
 # Saved weights must reproduce the in-memory model's logits this closely (fp32 reload of the same weights).
 VERIFY_TOLERANCE = {"fp32": 1e-4, "bf16": 5e-2, "fp16": 5e-2}
-
-
-class FinishedResume:
-    """Resuming from the checkpoint of the last step trains nothing more.
-
-    transformers works out where to resume from the step count and the epoch length; when the last step
-    falls inside an epoch (``max_steps``, fractional epochs) it re-enters that epoch and takes one step past
-    the end before it checks for the end. A kill after the last checkpoint was sealed, before the model was
-    saved, would then finish with one step more than an uninterrupted run. Here every epoch counts as done.
-    ``_init_training_state`` is transformers' own (5.x) split of that computation; the resume tests in
-    tests/test_train_stage.py fail if a release stops calling it.
-    """
-
-    def _init_training_state(
-        self, max_steps: int, num_update_steps_per_epoch: int, num_train_epochs: int, *args: Any
-    ) -> tuple[int, int]:
-        epochs_done, batches_to_skip = super()._init_training_state(  # type: ignore[misc]
-            max_steps, num_update_steps_per_epoch, num_train_epochs, *args
-        )
-        if self.state.global_step >= max_steps:  # type: ignore[attr-defined]
-            return num_train_epochs, 0
-        return epochs_done, batches_to_skip
 
 
 class HermesSFTTrainer(FinishedResume, SFTTrainer):
@@ -118,6 +101,20 @@ def run_train(recipe: Recipe, name: StageName, force: bool = False, log: Any = p
         return _run_train(recipe, name, force, log)
 
 
+@dataclass
+class Trained:
+    """A finished training run, on the main process: its model saved in ``partial``, the logits the trained
+    model gave on ``probe`` (which the saved one must reproduce) and what the run measured."""
+
+    partial: Path
+    tokenizer: PreTrainedTokenizerBase
+    probe: torch.Tensor
+    expected: torch.Tensor
+    facts: dict[str, Any]  # train.probe.run_facts
+    resume: Path | None
+    tokens_before: int
+
+
 def _run_train(recipe: Recipe, name: StageName, force: bool, log: Any) -> Path:
     check_ready(recipe, name)
     stage: TrainStage = getattr(recipe, name)
@@ -132,6 +129,31 @@ def _run_train(recipe: Recipe, name: StageName, force: bool, log: Any) -> Path:
     if (damage := output_damage(out)) is not None:
         log(f"{name}: {damage}; training again from the newest sound checkpoint")
     started = time.time()
+    if stage.backend == "axolotl":
+        from hermes_pipeline.train.axolotl_run import train_with_axolotl
+
+        trained = train_with_axolotl(recipe, name, fingerprint, inputs, force, log)
+    else:
+        trained = _train_with_trl(recipe, name, source, fingerprint, inputs, force, log)
+    if trained is not None:
+        _seal_model(recipe, name, trained, source, started, fingerprint, inputs, log)
+    barrier()
+    return out
+
+
+def _train_with_trl(
+    recipe: Recipe,
+    name: StageName,
+    source: str | None,
+    fingerprint: str,
+    inputs: dict[str, str],
+    force: bool,
+    log: Any,
+) -> Trained | None:
+    """Train with TRL in this process (one rank of many under a launcher) and save into ``model.partial``;
+    the main process gets what ``_seal_model`` needs, the others None."""
+    stage: TrainStage = getattr(recipe, name)
+    out = stage_dir(recipe, name)
     checkpoint_dir = out / "checkpoints"
     args = training_args(recipe, name)
     if stage.deepspeed and launched():
@@ -140,11 +162,10 @@ def _run_train(recipe: Recipe, name: StageName, force: bool, log: Any) -> Path:
         # ZeRO-3 partitions weights while they load, before the Trainer would bring DeepSpeed up.
         deepspeed.init_distributed(dist_backend=args.ddp_backend or "nccl")
     if args.process_index == 0:
-        _claim(out, checkpoint_dir, fingerprint, inputs, force)
+        claim_checkpoints(out, fingerprint, inputs, force)
     barrier()
 
     trainer, stopper = build_trainer(recipe, name, args, source)
-    tokenizer = trainer.processing_class
     train_set, val_set = trainer.train_dataset, trainer.eval_dataset
 
     if args.process_index == 0:
@@ -155,7 +176,7 @@ def _run_train(recipe: Recipe, name: StageName, force: bool, log: Any) -> Path:
     if resume is not None:
         log(f"{name}: resuming from {resume.name}")
     # Read now: the checkpoint may be rotated away while training goes on.
-    tokens_before = _tokens_seen(resume)
+    tokens_before = tokens_seen(resume)
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     if stopper.stopped_at is not None:
         raise StageInterrupted(
@@ -164,10 +185,10 @@ def _run_train(recipe: Recipe, name: StageName, force: bool, log: Any) -> Path:
         )
     eval_metrics = trainer.evaluate() if val_set is not None else {}
 
-    final = out / MODEL_SUBDIR
-    partial = final.with_name(final.name + ".partial")
-    probe = _probe(train_set if val_set is None else val_set, name)
-    expected = _logits(trainer.model, probe)
+    partial = model_partial(out)
+    column = "input_ids" if name == "sft" else "prompt_ids"
+    probe = probe_rows(train_set if val_set is None else val_set, column)
+    expected = logits(trainer.model, probe)
     check_free_space(
         out,
         trainable_bytes(trainer.model),
@@ -175,36 +196,51 @@ def _run_train(recipe: Recipe, name: StageName, force: bool, log: Any) -> Path:
         what="the trained model",
     )
     trainer.save_model(str(partial))
-    summary: dict[str, Any] = {}
-    if args.process_index == 0:
-        save_tokenizer(tokenizer, partial)
-        if is_adapter(partial):
-            record_adapter_base(partial, source)
-        with whole_weights():
-            reloaded = load_trained(recipe, stage, partial, tokenizer)
-        difference = float((_logits(reloaded, probe) - expected).abs().max())
-        if not difference <= VERIFY_TOLERANCE[stage.precision]:  # NaN fails too
-            raise RuntimeError(
-                f"{name}: the saved model's logits differ from the trained model's by {difference}"
-            )
-        shutil.rmtree(final, ignore_errors=True)
-        partial.rename(final)
-        plots = write_plots(out / "metrics.jsonl", name, out / "plots")
-        summary = _summary(
-            trainer, result.metrics, eval_metrics, started, difference, resume, tokens_before, final, plots
+    if args.process_index != 0:
+        return None
+    facts = run_facts(trainer, result.metrics, eval_metrics)
+    return Trained(partial, trainer.processing_class, probe, expected, facts, resume, tokens_before)
+
+
+def _seal_model(
+    recipe: Recipe,
+    name: StageName,
+    trained: Trained,
+    source: str | None,
+    started: float,
+    fingerprint: str,
+    inputs: dict[str, str],
+    log: Any,
+) -> None:
+    """Check the saved model against the trained one, rename it into place, write the summary and the
+    manifest last. Runs on the main process only."""
+    stage: TrainStage = getattr(recipe, name)
+    out = stage_dir(recipe, name)
+    final, partial = out / MODEL_SUBDIR, trained.partial
+    save_tokenizer(trained.tokenizer, partial)
+    if is_adapter(partial):
+        record_adapter_base(partial, source)
+    with whole_weights():
+        reloaded = load_trained(recipe, stage, partial, trained.tokenizer)
+    difference = float((logits(reloaded, trained.probe) - trained.expected).abs().max())
+    if not difference <= VERIFY_TOLERANCE[stage.precision]:  # NaN fails too
+        raise RuntimeError(
+            f"{name}: the saved model's logits differ from the trained model's by {difference}"
         )
-        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-        write_manifest(
-            out,
-            fingerprint,
-            inputs,
-            started,
-            extra={"summary": summary},
-            skip=("checkpoints", "cache", "wandb"),
-        )
-        log(_format_summary(name, summary))
-    barrier()
-    return out
+    shutil.rmtree(final, ignore_errors=True)
+    partial.rename(final)
+    plots = write_plots(out / "metrics.jsonl", name, out / "plots")
+    summary = _summary(trained, started, difference, final, plots)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    write_manifest(
+        out,
+        fingerprint,
+        inputs,
+        started,
+        extra={"summary": summary},
+        skip=("checkpoints", "cache", "wandb", "axolotl"),
+    )
+    log(_format_summary(name, summary))
 
 
 def build_trainer(
@@ -252,8 +288,10 @@ def _inputs(prep: Path, source: str | None, upstream: Path | None) -> dict[str, 
     return inputs
 
 
-def _claim(out: Path, checkpoint_dir: Path, fingerprint: str, inputs: dict[str, str], force: bool) -> None:
-    """Tie the checkpoints to this recipe, so a changed recipe never silently resumes someone else's run."""
+def claim_checkpoints(out: Path, fingerprint: str, inputs: dict[str, str], force: bool) -> None:
+    """Tie the stage's checkpoints to this recipe, so a changed recipe never silently resumes someone
+    else's run; ``force`` starts the stage over."""
+    checkpoint_dir = out / "checkpoints"
     owner = checkpoint_dir / "OWNER.json"
     claim = {"fingerprint": fingerprint, "inputs": inputs}
     if force:
@@ -325,61 +363,40 @@ def training_args(recipe: Recipe, name: StageName) -> SFTConfig | DPOConfig:
     )
 
 
-def _probe(dataset: Dataset, name: StageName) -> torch.Tensor:
-    """A fixed batch of real token ids, the same on every rank, for checking the saved weights."""
-    column = "input_ids" if name == "sft" else "prompt_ids"
-    rows = [dataset[i][column][:PROBE_TOKENS] for i in range(min(PROBE_ROWS, len(dataset)))]
-    width = min(len(r) for r in rows)
-    return torch.tensor([r[:width] for r in rows])
+def model_partial(out: Path) -> Path:
+    """Where a stage's model is saved before it is checked and renamed into place."""
+    return out / f"{MODEL_SUBDIR}.partial"
 
 
-@torch.no_grad()
-def _logits(model: torch.nn.Module, probe: torch.Tensor) -> torch.Tensor:
-    was_training = model.training
-    model.eval()
-    device = next(p.device for p in model.parameters())
-    logits = model(input_ids=probe.to(device)).logits.float().cpu()
-    model.train(was_training)
-    return logits
+def probe_rows(dataset: Dataset, column: str) -> torch.Tensor:
+    """A fixed batch of real token ids (the same on every rank) for checking the saved weights."""
+    return probe_batch([dataset[i][column] for i in range(min(PROBE_ROWS, len(dataset)))])
 
 
-def _peak_memory_gib() -> float:
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
-
-
-def _tokens_seen(checkpoint: Path | None) -> int:
+def tokens_seen(checkpoint: Path | None) -> int:
+    """The tokens trained on up to ``checkpoint``, by its trainer state."""
     if checkpoint is None:
         return 0
     return int(json.loads((checkpoint / "trainer_state.json").read_text())["num_input_tokens_seen"])
 
 
 def _summary(
-    trainer: Any,
-    train_metrics: dict[str, float],
-    eval_metrics: dict[str, float],
-    started: float,
-    difference: float,
-    resume: Path | None,
-    tokens_before: int,
-    final: Path,
-    plots: list[Path],
+    trained: Trained, started: float, difference: float, final: Path, plots: list[Path]
 ) -> dict[str, Any]:
-    """train_runtime covers this process only, so a resumed run's speed counts only the tokens it saw."""
-    tokens = int(trainer.state.num_input_tokens_seen)
-    runtime = train_metrics.get("train_runtime", 0.0)
+    facts = trained.facts
+    runtime = facts["train_runtime_s"]
+    tokens_per_second = (facts["tokens_seen"] - trained.tokens_before) / runtime if runtime else None
     return {
-        "steps": trainer.state.global_step,
-        "resumed_from_step": checkpoint_step(resume) if resume else None,
-        "tokens_seen": tokens,
-        "tokens_per_second": round((tokens - tokens_before) / runtime, 1) if runtime else None,
-        "train_runtime_s": round(runtime, 2),
+        "steps": facts["steps"],
+        "resumed_from_step": checkpoint_step(trained.resume) if trained.resume else None,
+        "tokens_seen": facts["tokens_seen"],
+        "tokens_per_second": round(tokens_per_second, 1) if tokens_per_second else None,
+        "train_runtime_s": runtime,
         "wall_time_s": round(time.time() - started, 2),
-        "peak_memory_gib": round(_peak_memory_gib(), 3),
-        "world_size": trainer.args.world_size,
+        "peak_memory_gib": facts["peak_memory_gib"],
+        "world_size": facts["world_size"],
         "train_loss": mean_loss(final.parent / "metrics.jsonl"),
-        "eval": eval_metrics,
+        "eval": facts["eval"],
         "saved_logits_max_abs_diff": difference,
         "model": str(final),
         "plots": [str(p) for p in plots],

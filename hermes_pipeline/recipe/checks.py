@@ -296,5 +296,12 @@ def _check_not_built(recipe: Recipe) -> Iterator[Problem]:
         elif source.stage == "projector":
             yield f"data.sources[{i}].stage", f"projector {feeds_vision}"
     for name, stage in training_stages(recipe).items():
-        if stage.backend != "trl":
-            yield f"{name}.backend", f"{stage.backend} is not built yet; use trl"
+        resources = stage.resources
+        processes = (resources.processes_per_node or 1) * resources.nodes
+        if stage.backend == "axolotl" and not resources.gpus_per_node and processes > 1:
+            # axolotl 0.19 puts each rank's model on the device its local rank numbers, a GPU on a CPU node.
+            yield (
+                f"{name}.resources",
+                f"axolotl trains in several processes only on GPUs, and this asks for {processes} CPU "
+                "processes; use one process on CPU, or backend trl",
+            )
