@@ -53,17 +53,19 @@ format: $(INSTALLED)
 # On a GPU machine that has torch, transformers, accelerate and peft but no package registry: the wheels that
 # scripts/gather_gpu_wheels.py packed (carry build/gpu_wheels.tar.xz along), all of them and nothing else
 # (--no-deps: the gathering already resolved what is missing; `pip check` then names any version the
-# machine's own packages do not satisfy, without stopping), into a venv on top of the machine's Python; then
-# the check. The project itself is measured as the archive's wheel of it, built from this tree when the
-# archive was gathered (the stage folders only import as hermes_pipeline.* once installed).
+# machine's own packages do not satisfy, without stopping), into a folder put on PYTHONPATH; then the check.
+# Not a venv: the machine's python3 is often a venv itself, whose packages a venv made from it does not see.
+# The project itself is measured as the archive's wheel of it, built from this tree when the archive was
+# gathered (the stage folders only import as hermes_pipeline.* once installed).
 GPU_WHEELS ?= build/gpu_wheels
-GPU_VENV ?= build/venv-gpu
+GPU_SITE ?= build/site-gpu
+GPU_CHECK_OUT ?= runs/gpu_check
+GPU_CHECK_ARGS ?=
 gpu-check:
 	$(PYTHON) -m tarfile --filter data --extract $(GPU_WHEELS).tar.xz $(dir $(GPU_WHEELS))
-	$(PYTHON) -m venv --system-site-packages $(GPU_VENV)
-	$(GPU_VENV)/bin/python -m pip install --quiet --no-index --no-deps $(GPU_WHEELS)/*.whl
-	-$(GPU_VENV)/bin/python -m pip check
-	$(GPU_VENV)/bin/python benchmarks/gpu_check.py --out runs/gpu_check
+	$(PYTHON) -m pip install --quiet --no-index --no-deps --no-compile --upgrade --target $(GPU_SITE) $(GPU_WHEELS)/*.whl
+	-PYTHONPATH=$(GPU_SITE) $(PYTHON) -m pip check
+	PYTHONPATH=$(GPU_SITE) PYTHONUNBUFFERED=1 $(PYTHON) benchmarks/gpu_check.py --out $(GPU_CHECK_OUT) $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

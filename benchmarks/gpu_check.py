@@ -7,8 +7,12 @@ opens prep's shards, train/stage.py configures TRL's trainers), and written down
 here is recorded as skipped with its reason, a part that breaks as failed with its error, and no figure that
 was not measured is printed.
 
-    python benchmarks/gpu_check.py [--out runs/gpu_check]    # one H100, meant to take under 8 minutes
+    python benchmarks/gpu_check.py [--out runs/gpu_check]    # one GPU: 434 s on an H200 (BENCHMARKS.md)
+    python benchmarks/gpu_check.py --runs qlora              # only some runs (sft, dpo, qlora)
     python benchmarks/gpu_check.py --tiny [--out DIR]         # what CI runs: seconds on a 2-core CPU
+
+Each run is printed and the JSON rewritten as soon as it ends, so that a call stopped at the end of its GPU
+slot keeps what it measured; runs not started by --deadline seconds (default 420) are skipped, saying so.
 
 Parts (JSON key, then what it measures):
   a_sft_attention  SFT steps of a 1.1B Llama-shaped model (TinyLlama-1.1B's shape, random init, bf16,
@@ -107,6 +111,8 @@ PACKAGES = (
     "bitsandbytes",
     "flash-attn",
 )
+# Runs a call may choose (--runs): a, b and f come from the same SFT runs.
+GROUPS = ("sft", "dpo", "qlora")
 PARTS = ("a_sft_attention", "b_packing", "c_memory", "d_dpo", "e_qlora", "f_packed_loss")
 
 
@@ -310,6 +316,45 @@ def skipped(reason: str) -> dict[str, Any]:
     return {"status": "skipped", "reason": reason}
 
 
+class Record:
+    """The check's results as they come: each run is printed as soon as it ends and the JSON rewritten, so
+    that a call stopped at its time limit still returns every figure measured before; past the deadline the
+    remaining runs are skipped, saying so."""
+
+    def __init__(self, out: Path, header: dict[str, Any], deadline_s: float) -> None:
+        self.out, self.header, self.deadline_s = out, header, deadline_s
+        self.started = time.perf_counter()
+        self.parts: dict[str, dict[str, dict[str, Any]]] = {name: {} for name in PARTS}
+
+    def measure(self, part: str, name: str, measure: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        elapsed = time.perf_counter() - self.started
+        if elapsed > self.deadline_s:
+            return self.skip(
+                part, name, f"out of time: {elapsed:.0f} s spent, the deadline is {self.deadline_s:.0f} s"
+            )
+        return self.put(part, name, attempt(measure))
+
+    def skip(self, part: str, name: str, reason: str) -> dict[str, Any]:
+        return self.put(part, name, skipped(reason))
+
+    def put(self, part: str, name: str, entry: dict[str, Any]) -> dict[str, Any]:
+        self.parts[part][name] = entry
+        print(line(part, name, entry), flush=True)
+        self.save(complete=False)
+        return entry
+
+    def save(self, complete: bool) -> dict[str, Any]:
+        results = {
+            **self.header,
+            "complete": complete,
+            "parts": self.parts,
+            "wall_seconds": time.perf_counter() - self.started,
+        }
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "gpu_check.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+        return results
+
+
 # --- 3. the runs -------------------------------------------------------------------------------------------
 
 
@@ -358,8 +403,8 @@ def qlora_run(work: Path, recipe: Callable[..., Recipe], warmup: int) -> dict[st
 
 def attention_paths(on_gpu: bool) -> dict[str, str | None]:
     """The attention implementations transformers keeps packed rows apart with, each with the reason it
-    cannot run here (None: it can). flash_attention_2 reads the rows' boundaries (cu_seq_lens); sdpa and
-    flex_attention get a block-diagonal mask built from the position ids."""
+    cannot run here (None: it can), the recipe default first. flash_attention_2 reads the rows' boundaries
+    (cu_seq_lens); sdpa and flex_attention get a block-diagonal mask built from the position ids."""
     flash = None
     if not on_gpu:
         flash = "needs CUDA"
@@ -368,7 +413,7 @@ def attention_paths(on_gpu: bool) -> dict[str, str | None]:
     flex = (
         None if on_gpu else "FlexAttention has no backward pass on a CPU (torch raises NotImplementedError)"
     )
-    return {"flash_attention_2": flash, "sdpa": None, "flex_attention": flex}
+    return {"sdpa": None, "flex_attention": flex, "flash_attention_2": flash}
 
 
 def liger_blocker(on_gpu: bool) -> str | None:
@@ -383,67 +428,86 @@ def qlora_blocker(on_gpu: bool) -> str | None:
     return None if on_gpu else "bitsandbytes' 4-bit training needs CUDA"
 
 
-def run_parts(work: Path, scale: Scale, on_gpu: bool) -> dict[str, dict[str, dict[str, Any]]]:
-    """Every part. Runs are shared: b compares a padded run with a's packed sdpa run, f holds the checks made
-    on a's fresh models, c the peak memory of every run beside plan's estimate."""
-    parts: dict[str, dict[str, dict[str, Any]]] = {name: {} for name in PARTS}
-    a, b, c, d, e, f = (parts[name] for name in PARTS)
+def run_parts(work: Path, scale: Scale, on_gpu: bool, record: Record, groups: set[str]) -> None:
+    """Every part of the chosen groups (GROUPS), the most telling runs first (a deadline skips the tail).
+    Runs are shared: b compares a padded run with a's packed sdpa run, f holds the checks made on a's fresh
+    models, c the peak memory of every run beside plan's estimate."""
     peak = None
     if on_gpu:
-        a["matmul_peak"] = attempt(lambda: {"bf16_tflops": matmul_peak_tflops()})
-        peak = a["matmul_peak"].get("bf16_tflops")
+        peak = record.measure("a_sft_attention", "matmul_peak", lambda: {"bf16_tflops": matmul_peak_tflops()})
+        peak = peak.get("bf16_tflops")
     else:
-        a["matmul_peak"] = skipped("no CUDA: MFU is measured against a GPU's bf16 matmul peak")
+        record.skip(
+            "a_sft_attention", "matmul_peak", "no CUDA: MFU is measured against a GPU's bf16 matmul peak"
+        )
 
     rows = write_inputs(work, scale)
     recipe = partial(make_recipe, work, scale, on_gpu)
     tolerance = LOSS_TOLERANCE[recipe().sft.precision]
     check = partial(packed_loss_check, rows=rows[: scale.loss_rows], tolerance=tolerance)
-    for attention, blocker in attention_paths(on_gpu).items():
-        for liger in (False, True):
-            name = f"packed {attention}" + (" +liger" if liger else "")
-            reason = blocker or (liger_blocker(on_gpu) if liger else None)
-            run = partial(
-                sft_run,
-                with_attention(recipe(), attention),
-                liger,
-                scale.warmup,
-                peak,
-                None if liger else check,
-            )
-            a[name] = skipped(reason) if reason else attempt(run)
-        plain = a[f"packed {attention}"]
-        measured = plain["status"] == "measured"
-        f[attention] = {"status": "measured", **plain.pop("packed_loss_check")} if measured else dict(plain)
 
-    packed = a["packed sdpa"]
-    b["packed sdpa"] = {
-        k: packed[k] for k in ("status", "reason", "real_tokens_per_s", "padding_fraction") if k in packed
-    }
-    b["padded sdpa"] = attempt(partial(sft_run, recipe("sft.packing=false"), False, scale.warmup, peak, None))
-    if packed["status"] == b["padded sdpa"]["status"] == "measured":
-        b["packed over padded"] = {
-            "status": "measured",
-            "real_tokens_per_s_ratio": packed["real_tokens_per_s"] / b["padded sdpa"]["real_tokens_per_s"],
-        }
+    def sft(attention: str, liger: bool) -> None:
+        name = f"packed {attention}" + (" +liger" if liger else "")
+        reason = attention_paths(on_gpu)[attention] or (liger_blocker(on_gpu) if liger else None)
+        if reason:
+            record.skip("a_sft_attention", name, reason)
+        else:
+            loss_check = None if liger else check
+            run = partial(sft_run, with_attention(recipe(), attention), liger, scale.warmup, peak, loss_check)
+            record.measure("a_sft_attention", name, run)
+        if not liger:
+            plain = record.parts["a_sft_attention"][name]
+            measured = plain["status"] == "measured"
+            loss = {"status": "measured", **plain.pop("packed_loss_check")} if measured else dict(plain)
+            record.put("f_packed_loss", attention, loss)
 
-    for name, precompute in (("reference model", "false"), ("precomputed", "true")):
-        d[name] = attempt(
-            partial(dpo_run, recipe(f"dpo.precompute_ref_log_probs={precompute}"), scale.warmup)
-        )
+    if "sft" in groups:
+        sft_parts(record, recipe, scale, peak, sft)
+    if "dpo" in groups:
+        for name, precompute in (("reference model", "false"), ("precomputed", "true")):
+            dpo = recipe(f"dpo.precompute_ref_log_probs={precompute}")
+            record.measure("d_dpo", name, partial(dpo_run, dpo, scale.warmup))
+    if "qlora" in groups:
+        reason = qlora_blocker(on_gpu)
+        if reason:
+            record.skip("e_qlora", "qlora", reason)
+        else:
+            record.measure("e_qlora", "qlora", partial(qlora_run, work, recipe, scale.warmup))
 
-    reason = qlora_blocker(on_gpu)
-    e["qlora"] = skipped(reason) if reason else attempt(partial(qlora_run, work, recipe, scale.warmup))
-
-    for name, run in (*a.items(), *b.items(), *d.items(), *e.items()):
+    runs = ("a_sft_attention", "b_packing", "d_dpo", "e_qlora")
+    for name, run in [item for part in runs for item in record.parts[part].items()]:
         if "plan_gib" in run:
             estimate = {"plan_gib": run.pop("plan_gib")}
-            c[name] = (
+            entry = (
                 {"status": "measured", "peak_gpu_memory_gib": run["peak_gpu_memory_gib"], **estimate}
                 if "peak_gpu_memory_gib" in run
                 else {**skipped("no CUDA: torch.cuda.max_memory_allocated needs a GPU"), **estimate}
             )
-    return parts
+            record.put("c_memory", name, entry)
+
+
+def sft_parts(
+    record: Record, recipe: Callable[..., Recipe], scale: Scale, peak: float | None, sft: Callable[..., None]
+) -> None:
+    """a, b and f: packed SFT with each attention path, Liger off and on, and the padded run."""
+    sft("sdpa", liger=False)
+    packed = record.parts["a_sft_attention"]["packed sdpa"]
+    keep = ("status", "reason", "real_tokens_per_s", "padding_fraction")
+    record.put("b_packing", "packed sdpa", {k: packed[k] for k in keep if k in packed})
+    padded = record.measure(
+        "b_packing",
+        "padded sdpa",
+        partial(sft_run, recipe("sft.packing=false"), False, scale.warmup, peak, None),
+    )
+    if packed["status"] == padded["status"] == "measured":
+        ratio = packed["real_tokens_per_s"] / padded["real_tokens_per_s"]
+        record.put(
+            "b_packing", "packed over padded", {"status": "measured", "real_tokens_per_s_ratio": ratio}
+        )
+    sft("sdpa", liger=True)
+    for attention in ("flex_attention", "flash_attention_2"):
+        sft(attention, liger=False)
+        sft(attention, liger=True)
 
 
 # --- 5. report ---------------------------------------------------------------------------------------------
@@ -477,12 +541,14 @@ def figures(entry: dict[str, Any]) -> str:
     return ", ".join(shown)
 
 
+def line(part: str, name: str, entry: dict[str, Any]) -> str:
+    detail = entry["reason"] if entry["status"] != "measured" else figures(entry)
+    return f"{part:<16} {name:<32} {entry['status']:<9} {detail}"
+
+
 def table(parts: dict[str, dict[str, dict[str, Any]]]) -> str:
     lines = [f"{'part':<16} {'run':<32} {'status':<9} figures", "-" * 100]
-    for part, entries in parts.items():
-        for name, entry in entries.items():
-            detail = entry["reason"] if entry["status"] != "measured" else figures(entry)
-            lines.append(f"{part:<16} {name:<32} {entry['status']:<9} {detail}")
+    lines += [line(part, name, entry) for part, entries in parts.items() for name, entry in entries.items()]
     return "\n".join(lines)
 
 
@@ -506,34 +572,35 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tiny", action="store_true", help="the tiny model, two steps a run (what CI runs)")
     parser.add_argument("--out", type=Path, default=Path("runs/gpu_check"), help="folder for gpu_check.json")
+    parser.add_argument(
+        "--deadline", type=float, default=420, help="seconds after which the runs not yet started are skipped"
+    )
+    parser.add_argument(
+        "--runs", nargs="+", choices=GROUPS, default=list(GROUPS), help="which runs (default: all)"
+    )
     args = parser.parse_args()
     quiet()
-    started = time.perf_counter()
     on_gpu = torch.cuda.is_available()
     scale = TINY if args.tiny else FULL
     if args.tiny:
         # A smoke run on a shared 2-core machine: with a second thread, every op of the tiny model waits
         # for the busy core (steps of 3 s instead of 0.15 s, seen here), and its figures are not quoted.
         torch.set_num_threads(1)
+    header = {"environment": environment(on_gpu), "scale": {"tiny": args.tiny, **asdict(scale)}}
+    record = Record(args.out, header, args.deadline)
+    print(f"{header['environment']['device']}: {header['environment']['packages']}", flush=True)
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as folder:
-        parts = run_parts(Path(folder), scale, on_gpu)
-    results = {
-        "environment": environment(on_gpu),
-        "scale": {"tiny": args.tiny, **asdict(scale)},
-        "parts": parts,
-        "wall_seconds": time.perf_counter() - started,
-    }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "gpu_check.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+        run_parts(Path(folder), scale, on_gpu, record, set(args.runs))
+    results = record.save(complete=True)
     failed = [
         f"{part}/{name}"
-        for part, entries in parts.items()
+        for part, entries in record.parts.items()
         for name, entry in entries.items()
         if entry["status"] == "failed" or entry.get("equal") is False
     ]
-    print(table(parts))
+    print(table(record.parts))
     print(
-        f"\n{results['wall_seconds']:.0f} s on {results['environment']['device']}; JSON in {args.out / 'gpu_check.json'}"
+        f"\n{results['wall_seconds']:.0f} s on {header['environment']['device']}; JSON in {args.out / 'gpu_check.json'}"
     )
     if failed:
         print(f"failed: {', '.join(failed)}")

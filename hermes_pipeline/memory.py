@@ -2,12 +2,16 @@
 
 The point is to catch a recipe that cannot fit (or wastes most of the card) before it waits a day in the
 queue. Assumptions, stated once:
-  - mixed precision keeps bf16/fp16 weights and gradients, plus fp32 master weights and Adam moments
-    (12 bytes per trainable parameter; 6 with 8-bit Adam); fp32 training keeps only the two moments;
+  - without DeepSpeed, full fine-tuning keeps weights, gradients and Adam's two moments all in the
+    model's dtype (model.dtype), with no fp32 master copy (the Trainer's optimizers step on the weights
+    themselves): 8 bytes per parameter for bf16 weights (6 with 8-bit Adam), 16 for fp32. On an H200 a
+    1.1B bf16 model's whole step peaked at 16.9 GiB with flex attention, where master weights and fp32
+    moments alone would have taken 12.3 GiB (benchmarks/gpu_check.py, BENCHMARKS.md);
   - full fine-tuning in mixed precision under DeepSpeed ZeRO counts the model states as DeepSpeed's own
     estimators do (``estimate_zero2_model_states_mem_needs``, ``estimate_zero3_model_states_mem_needs``;
     matched here so that ``plan`` needs no DeepSpeed, and checked against them in the tests): 18 bytes per
-    parameter, the 12 above plus fp32 gradients (4) and 16-bit weights (2). ZeRO-3 shards all 18 across
+    parameter: fp32 master weights and Adam's two fp32 moments (12; 6 with 8-bit Adam), fp32 gradients
+    (4) and 16-bit weights (2). ZeRO-3 shards all 18 across
     the world size and gathers the largest layer whole (4 bytes per parameter); ZeRO-2 keeps the 16-bit
     weights whole and also shards the 16-bit gradients (2 more); ZeRO-1, which DeepSpeed gives no
     estimator, is ZeRO-2 with the 16-bit gradients whole. DeepSpeed prints its figures as "GB"; they are
@@ -16,7 +20,10 @@ queue. Assumptions, stated once:
   - offloading the optimizer moves gradients and optimizer states off the GPU, offloading parameters
     (ZeRO-3) the weights too;
   - LoRA adapters, their gradients and optimizer states are fp32; QLoRA's frozen base is NF4 with double
-    quantization (about 0.52 bytes per parameter) except embeddings and head, which stay 16-bit;
+    quantization (about 0.52 bytes per parameter) except embeddings and head, which stay 16-bit. LoRA's
+    dropout (when above 0) keeps, for each adapted module, a dropped-out copy of the module's input and a
+    1-byte mask for the backward pass. On the H200 a QLoRA step (1.1B, dropout 0.05) peaked 6.7 GiB above
+    the full run's activations plus the NF4 base; these copies count 9.0 GiB, the whole estimate 5% over;
   - activations follow a Llama/Mistral block with fused (flash/SDPA) attention: with gradient
     checkpointing, one saved hidden state per layer plus one layer's full activations; logits in fp32
     with their gradient; DPO runs chosen and rejected together (twice the tokens);
@@ -56,6 +63,8 @@ class TrainShape:
     gradient_checkpointing: bool
     world_size: int
     zero: ZeroSettings
+    weight_bytes: int = 2  # bytes per weight as the model is loaded (model.dtype)
+    lora_dropout: bool = False  # LoRA's dropout is above 0: each adapted module keeps a copy of its input
     on_gpu: bool = True
     dpo_reference: bool = False  # a frozen reference copy lives on the device (full-parameter DPO)
     pairs: bool = False  # DPO: chosen and rejected in one forward
@@ -81,42 +90,43 @@ class MemoryEstimate:
 
 def estimate_memory(config: PretrainedConfig, counts: ParameterCounts, shape: TrainShape) -> MemoryEstimate:
     world, zero = shape.world_size, shape.zero
-    half = 4 if shape.precision == "fp32" else 2
+    activation_bytes = 4 if shape.precision == "fp32" else 2
     if shape.mode == "full" and shape.precision != "fp32" and zero.stage >= 1:
         weights, grads, optimizer, largest_layer = _deepspeed_model_states(config, counts.total, shape)
     else:
-        weights, grads, optimizer = _model_states(counts, shape, half)
+        weights, grads, optimizer = _model_states(counts, shape)
         largest_layer = 0.0
     if zero.offload_optimizer:
         grads = optimizer = 0
     if zero.offload_params:
         weights = 0
-    reference = counts.total * half / (world if zero.stage >= 3 else 1) if shape.dpo_reference else 0
+    reference = (
+        counts.total * shape.weight_bytes / (world if zero.stage >= 3 else 1) if shape.dpo_reference else 0
+    )
     return MemoryEstimate(
         weights=weights,
         gradients=grads,
         optimizer=optimizer,
         largest_layer=largest_layer,
-        activations=_activations(config, shape, half),
+        activations=_activations(config, counts, shape, activation_bytes),
         reference_model=reference,
         overhead=FIXED_OVERHEAD if shape.on_gpu else 0,
     )
 
 
-def _model_states(counts: ParameterCounts, shape: TrainShape, half: int) -> tuple[float, float, float]:
-    """Weights, gradients and optimizer states in bytes outside DeepSpeed's accounting (fp32, adapters)."""
+def _model_states(counts: ParameterCounts, shape: TrainShape) -> tuple[float, float, float]:
+    """Weights, gradients and optimizer states in bytes outside DeepSpeed's accounting: everything in the
+    model's dtype for full training, fp32 adapters otherwise."""
     if shape.mode == "full":
-        weights = counts.total * half
-        grads = counts.total * half
-        adam = (8 if shape.precision == "fp32" else 12) if "8bit" not in shape.optimizer else 6
-        optimizer = counts.total * adam
+        weights = grads = counts.total * shape.weight_bytes
+        optimizer = counts.total * (2 if "8bit" in shape.optimizer else 2 * shape.weight_bytes)
     else:
         trainable = counts.lora
         frozen = counts.total
         if shape.mode == "qlora":
             weights = (frozen - counts.embedding) * NF4_BYTES_PER_PARAM + counts.embedding * 2
         else:
-            weights = frozen * half
+            weights = frozen * shape.weight_bytes
         weights += trainable * 4
         grads = trainable * 4
         optimizer = trainable * 8
@@ -150,13 +160,15 @@ def largest_layer_parameters(config: PretrainedConfig) -> int:
     return max(config.vocab_size * hidden, config.intermediate_size * hidden)
 
 
-def _activations(config: PretrainedConfig, shape: TrainShape, element: int) -> float:
+def _activations(config: PretrainedConfig, counts: ParameterCounts, shape: TrainShape, element: int) -> float:
     tokens = shape.micro_batch_size * shape.seq_len * (2 if shape.pairs else 1)
     hidden = config.hidden_size
     heads = config.num_attention_heads
     kv = getattr(config, "num_key_value_heads", heads) * hidden // heads
-    per_layer = (6 * hidden + 2 * kv + 4 * config.intermediate_size) * element
     layers = config.num_hidden_layers
+    per_layer = (6 * hidden + 2 * kv + 4 * config.intermediate_size) * element
+    if shape.mode in ("lora", "qlora") and shape.lora_dropout:
+        per_layer += counts.lora_inputs // layers * (element + 1)
     # Checkpointing keeps each layer's input, plus one layer's activations while it is recomputed.
     blocks = layers * hidden * element + per_layer if shape.gradient_checkpointing else layers * per_layer
     logits = config.vocab_size * (element + 4 + 4)

@@ -45,6 +45,7 @@ class ParameterCounts:
     total: int
     embedding: int  # input embeddings + untied output head
     lora: int  # trainable LoRA parameters for the given LoRA settings, 0 without LoRA
+    lora_inputs: int = 0  # the input features of every adapted module, summed over the model
 
 
 def count_parameters(config: PretrainedConfig, lora: LoraSection | None = None) -> ParameterCounts:
@@ -56,17 +57,21 @@ def count_parameters(config: PretrainedConfig, lora: LoraSection | None = None) 
     head = model.get_output_embeddings()
     if head is not None and head.weight is not model.get_input_embeddings().weight:
         embedding += head.weight.numel()
+    adapted = _adapted_modules(model, lora) if lora else []
     return ParameterCounts(
-        total=total, embedding=embedding, lora=_lora_parameters(model, lora) if lora else 0
+        total=total,
+        embedding=embedding,
+        lora=sum(lora.r * (m.in_features + m.out_features) for m in adapted) if lora else 0,
+        lora_inputs=sum(m.in_features for m in adapted),
     )
 
 
-def _lora_parameters(model: torch.nn.Module, lora: LoraSection) -> int:
+def _adapted_modules(model: torch.nn.Module, lora: LoraSection) -> list[torch.nn.Linear]:
     head = model.get_output_embeddings()
-    count = 0
-    for name, module in model.named_modules():
-        if not isinstance(module, torch.nn.Linear) or module is head:
-            continue
-        if lora.target_modules == "all-linear" or name.rsplit(".", 1)[-1] in lora.target_modules:
-            count += lora.r * (module.in_features + module.out_features)
-    return count
+    return [
+        module
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear)
+        and module is not head
+        and (lora.target_modules == "all-linear" or name.rsplit(".", 1)[-1] in lora.target_modules)
+    ]

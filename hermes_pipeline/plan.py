@@ -122,6 +122,8 @@ def _training(recipe: Recipe, name: str, stage: Optimization, config: Any) -> St
         gradient_checkpointing=stage.gradient_checkpointing,
         world_size=world,
         zero=zero,
+        weight_bytes=4 if recipe.model.dtype == "float32" else 2,
+        lora_dropout=lora is not None and lora.dropout > 0,
         on_gpu=res.gpus_per_node > 0,
         dpo_reference=is_dpo and mode == "full" and not getattr(stage, "precompute_ref_log_probs", False),
         pairs=is_dpo,

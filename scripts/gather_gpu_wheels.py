@@ -1,19 +1,19 @@
 """Gather the wheels a GPU machine without a package registry needs to run benchmarks/gpu_check.py and the
 training stages, packed within the 64 MiB that may travel to it.
 
-The machine has Python 3.12 with torch 2.11, transformers 5.17, accelerate and peft, and whatever those
-need; the wheels are for the rest: the project's own, TRL, DeepSpeed, datasets, Liger and bitsandbytes, and
-their dependencies that the machine lacks. Which ones those are is decided by one pip resolution for the
-machine's platform (the machine's packages pinned, ours added): everything the machine's packages pull in is
-taken to be there, everything else in the resolution is downloaded with --no-deps. Nothing of torch's is
-ever downloaded (its CUDA libraries alone are gigabytes).
+The machine has Python 3.12 with torch 2.11, transformers 5.17, accelerate, peft, pyarrow, pandas and more
+(gpu_machine_packages.txt lists them); the wheels are for the rest: the project's own, TRL, DeepSpeed,
+datasets, Liger and bitsandbytes, and their dependencies that the machine lacks. Which ones those are is
+decided by one pip resolution for the machine's platform (the machine's main packages pinned, ours added):
+everything in the resolution that the machine's list does not name is downloaded with --no-deps. Nothing
+of torch's is ever downloaded (its CUDA libraries alone are gigabytes).
 
 DeepSpeed publishes only an sdist; it is built here with `DS_BUILD_OPS=0 pip wheel --no-deps deepspeed`, a
 pure-Python wheel whose CUDA ops DeepSpeed compiles just in time if a run uses one (ZeRO with the Trainer's
 own optimizer, as configs/deepspeed/ sets it up, uses none). The project's wheel is `pip wheel --no-deps .`.
 
-The wheels alone do not fit: pyarrow's is about 50 MiB and bitsandbytes' 41. So what travels is one
-xz-compressed tar of them (see pack), which `make gpu-check` unpacks on the machine. bitsandbytes is the one
+The wheels come near the budget (bitsandbytes' alone is 41 MiB), so what travels is one xz-compressed tar
+of them (see pack, 31 MiB with everything), which `make gpu-check` unpacks on the machine. bitsandbytes is the one
 optional wheel: if the archive does not fit with it, it is left out and the reason written down (QLoRA is
 then skipped there); if the archive does not fit without it, the script fails with one line.
 
@@ -51,21 +51,12 @@ PLATFORMS = ["manylinux2014_x86_64", *(f"manylinux_2_{minor}_x86_64" for minor i
 TARGET = [
     "--python-version", PYTHON, "--only-binary=:all:", *(arg for tag in PLATFORMS for arg in ("--platform", tag)),
 ]  # fmt: skip
-# What the machine has; the versions it reports are pinned so that our packages resolve against them.
+# What the machine has, pinned to the versions it reports so that our packages resolve against them; the
+# machine's whole package list (names only) is in gpu_machine_packages.txt beside this script.
 MACHINE_HAS = ["torch==2.11.*", "transformers==5.17.*", "accelerate", "peft"]
+MACHINE_PACKAGES = Path(__file__).with_name("gpu_machine_packages.txt")
 WANTED = ["trl", "deepspeed", "datasets", "liger-kernel", "bitsandbytes"]
 OPTIONAL = ["bitsandbytes"]
-# Environment markers of the machine, for following its packages' dependencies.
-MARKERS = {
-    "python_version": PYTHON,
-    "python_full_version": f"{PYTHON}.0",
-    "sys_platform": "linux",
-    "platform_system": "Linux",
-    "platform_machine": "x86_64",
-    "os_name": "posix",
-    "implementation_name": "cpython",
-    "platform_python_implementation": "CPython",
-}
 
 
 def pip(*args: str, env: dict[str, str] | None = None) -> None:
@@ -93,22 +84,12 @@ def resolve(requirements: list[str]) -> list[dict[str, Any]]:
         return json.loads(report.read_text(encoding="utf-8"))["install"]
 
 
-def machine_closure(installs: list[dict[str, Any]]) -> set[str]:
-    """The machine's packages and everything they pull in (extras followed), within the resolution."""
-    metadata = {canonicalize_name(item["metadata"]["name"]): item["metadata"] for item in installs}
-    todo = [(canonicalize_name(Requirement(line).name), frozenset[str]()) for line in MACHINE_HAS]
-    seen: set[tuple[str, frozenset[str]]] = set()
-    while todo:
-        name, extras = todo.pop()
-        if (name, extras) in seen or name not in metadata:
-            continue
-        seen.add((name, extras))
-        for line in metadata[name].get("requires_dist", []):
-            requirement = Requirement(line)
-            marker = requirement.marker
-            if marker is None or any(marker.evaluate({**MARKERS, "extra": e}) for e in ("", *extras)):
-                todo.append((canonicalize_name(requirement.name), frozenset(requirement.extras)))
-    return {name for name, _ in seen}
+def machine_packages() -> set[str]:
+    """The packages the machine's image holds. Read from its list rather than inferred from what torch and
+    transformers require: an inference missed pydantic, which the machine lacks, and the check stopped at
+    its first import there."""
+    lines = MACHINE_PACKAGES.read_text(encoding="utf-8").splitlines()
+    return {canonicalize_name(line) for line in lines if line.strip() and not line.startswith("#")}
 
 
 def wheel_name(path: Path) -> str:
@@ -135,9 +116,8 @@ def main() -> None:
     # 2. what the machine lacks (the built wheels go in by path, so that no namesake on the index wins), then
     #    download it for the machine's platform
     installs = resolve([*map(str, built), *requirements.values(), *MACHINE_HAS])
-    present = machine_closure(installs)
     versions = {canonicalize_name(i["metadata"]["name"]): i["metadata"]["version"] for i in installs}
-    have = present | {wheel_name(path) for path in built}
+    have = machine_packages() | {wheel_name(path) for path in built}
     fetch = sorted(f"{name}=={v}" for name, v in versions.items() if name not in have)
     pip("download", "--no-deps", "--quiet", "--dest", str(out), *TARGET, *fetch)
 

@@ -27,14 +27,10 @@ MEASURED_ON_CPU = {
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def check(
-    tmp_path_factory: pytest.TempPathFactory,
-) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
-    out = tmp_path_factory.mktemp("gpu_check")
+def _run_check(out: Path, *args: str) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1"}  # the CPU path, even on a GPU box
     run = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--tiny", "--out", str(out)],
+        [sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--tiny", "--out", str(out), *args],
         capture_output=True,
         text=True,
         env=env,
@@ -44,10 +40,17 @@ def check(
     return run, json.loads((out / "gpu_check.json").read_text(encoding="utf-8"))
 
 
+@pytest.fixture(scope="module")
+def check(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
+    return _run_check(tmp_path_factory.mktemp("gpu_check"))
+
+
 def test_every_part_is_measured_or_skipped_with_a_reason(check: tuple[Any, dict[str, Any]]) -> None:
     _, results = check
     parts = results["parts"]
-    assert tuple(parts) == PARTS
+    assert tuple(parts) == PARTS and results["complete"]
     for part, entries in parts.items():
         assert entries, f"{part} has no entries"
         measured = {name for name, entry in entries.items() if entry["status"] == "measured"}
@@ -82,3 +85,19 @@ def test_table_comes_last(check: tuple[Any, dict[str, Any]]) -> None:
     assert len(rows) == sum(len(entries) for entries in results["parts"].values())
     assert all(row.startswith(PARTS) for row in rows)
     assert "gpu_check.json" in lines[-1]
+
+
+def test_past_the_deadline_the_remaining_runs_are_skipped_and_said_so(tmp_path: Path) -> None:
+    """A call near the end of its GPU slot: what has not started is skipped with the reason, and the JSON
+    (rewritten after every run, so that a killed call keeps what it measured) is still complete."""
+    run, results = _run_check(tmp_path, "--deadline", "0", "--runs", "dpo")
+    entries = {
+        f"{part}/{name}": entry for part, named in results["parts"].items() for name, entry in named.items()
+    }
+    assert set(entries) == {"a_sft_attention/matmul_peak", "d_dpo/reference model", "d_dpo/precomputed"}
+    for name in ("d_dpo/reference model", "d_dpo/precomputed"):
+        assert entries[name]["status"] == "skipped" and entries[name]["reason"].startswith("out of time"), (
+            name
+        )
+        assert name.replace("/", " ") in " ".join(run.stdout.split())  # printed as it was recorded
+    assert results["complete"]

@@ -161,6 +161,7 @@ BROKEN: list[tuple[str, Callable[[dict], None], str, str]] = [
     ("sequence beyond context", _set("data.max_seq_len", 4096), "data.max_seq_len", "beyond the model's context of 2048"),
     ("unknown gguf type", _set("export.gguf_types", ["f16", "Q4_K_MM"]), "export.gguf_types[1]", "did you mean 'q4_k_m'"),
     ("qlora without GPUs", lambda r: (_pretrained(r), _set("sft.mode", "qlora")(r), _set("sft.precision", "bf16")(r)), "sft.mode", "qlora needs GPUs"),
+    ("flex attention on CPU", _set("model.attn_implementation", "flex_attention"), "model.attn_implementation", "flex_attention has no backward pass on a CPU, where sft and dpo train (resources.gpus_per_node 0); use sdpa"),
     ("qlora in fp32", lambda r: (_pretrained(r), _set("sft.mode", "qlora")(r), _set("sft.resources.gpus_per_node", 1)(r)), "sft.precision", "qlora computes in bf16 or fp16"),
     ("lora on a model built from config", _set("sft.mode", "lora"), "sft.mode", "needs mode full"),
     ("lora settings on a full fine-tune", _set("sft.lora", {"r": 8}), "sft.lora", "only used when mode is lora"),

@@ -127,6 +127,13 @@ def _check_training_modes(recipe: Recipe) -> Iterator[Problem]:
         per_node = stage.resources.processes_per_node
         if per_node and stage.resources.gpus_per_node and per_node > stage.resources.gpus_per_node:
             yield f"{name}.resources.processes_per_node", "more processes than GPUs on a node"
+    on_cpu = [name for name, stage in training_stages(recipe).items() if stage.resources.gpus_per_node == 0]
+    if recipe.model.attn_implementation == "flex_attention" and on_cpu:
+        yield (
+            "model.attn_implementation",
+            f"flex_attention has no backward pass on a CPU, where {' and '.join(on_cpu)} train "
+            "(resources.gpus_per_node 0); use sdpa",
+        )
     if recipe.merge.lora_base == "dequantized" and not qlora_used:
         yield "merge.lora_base", "'dequantized' only applies to QLoRA adapters; no stage uses mode qlora"
 
