@@ -2,9 +2,10 @@
 
 The environment holds axolotl (with its DeepSpeed extra) on the same torch release as ours, and this
 project linked in without dependencies, so axolotl's processes can import the plugin that seals
-checkpoints and logs metrics exactly as the TRL path does (hermes_pipeline.train.axolotl_plugin). It lives under the
-user's cache by default; ``HERMES_AXOLOTL_ENV`` moves it, e.g. onto storage every node of a cluster sees.
-A second run finds it ready and only checks that it links this checkout.
+checkpoints and logs metrics exactly as the TRL path does (``hermes_pipeline.train.axolotl_plugin``). It
+lives under the user's cache by default; ``HERMES_AXOLOTL_ENV`` moves it, e.g. onto storage every node of a
+cluster sees. A second run finds it ready and only checks that it links this checkout (relinking it when
+another checkout used it last).
 """
 
 from __future__ import annotations

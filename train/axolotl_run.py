@@ -39,6 +39,7 @@ from hermes_pipeline.rundir import stage_dir
 from hermes_pipeline.train.axolotl_config import EXPECTED, FACTS, FAILURE, PROBE, axolotl_config
 from hermes_pipeline.train.checkpoints import latest_complete, remove_unusable
 from hermes_pipeline.train.data import load_split, shard_files
+from hermes_pipeline.train.launch import is_main_process
 from hermes_pipeline.train.model import chat_token_ids, starting_point
 from hermes_pipeline.train.stage import (
     StageName,
@@ -63,8 +64,7 @@ def train_with_axolotl(
     out = stage_dir(recipe, name)
     work = out / "axolotl"
     python = ensure_env(log=log)
-    main = os.environ.get("RANK", "0") == "0"
-    resume = None
+    main = is_main_process()
     if main:
         claim_checkpoints(out, fingerprint, inputs, force)
         for folder, reason in remove_unusable(out / "checkpoints"):
@@ -74,9 +74,9 @@ def train_with_axolotl(
             log(f"{name}: resuming from {resume.name}")
         tokenizer = write_inputs(recipe, name, work, python, fresh=resume is None)
         (work / READY).write_text(json.dumps({"attempt": _attempt(), "resume": str(resume or "")}) + "\n")
+        tokens_before = tokens_seen(resume)  # read now: the checkpoint may be rotated away during training
     else:
         resume = _wait_ready(work)
-    tokens_before = tokens_seen(resume)  # read now: the checkpoint may be rotated away during training
     command = [str(python), "-m", "axolotl.cli.train", str(work / CONFIG)]
     if resume is not None:
         command.append(f"--resume_from_checkpoint={resume}")
@@ -185,7 +185,8 @@ def _sft_files(shards: list[Path], folder: Path) -> list[Path]:
 def _collect_model(out: Path) -> Path:
     """Move the model axolotl saved among the checkpoints into ``model.partial``."""
     source, partial = out / "checkpoints", model_partial(out)
-    partial.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(partial, ignore_errors=True)  # left by an attempt killed before its rename
+    partial.mkdir(parents=True)
     found = [source / n for n in MODEL_FILES if (source / n).is_file()]
     found += [p for pattern in MODEL_PATTERNS for p in source.glob(pattern)]
     if not any(p.suffix == ".safetensors" for p in found):
