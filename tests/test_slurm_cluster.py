@@ -75,9 +75,21 @@ def _wait_for_jobs(jobs: dict[str, str], timeout: float = JOB_TIMEOUT_S) -> dict
 
 
 def _release_requeued(job_id: str) -> None:
-    """A requeued job waits about two minutes before it may start again; let it start now."""
+    """A requeued job waits about two minutes before it may start again; let it start as soon as that is
+    safe. slurmd refuses a launch whose credential is no newer, in whole seconds, than the revocation of the
+    first attempt's ("Job credential revoked", seen when released at once): so wait for the node to finish
+    the first attempt, then let the clock pass a second."""
     _wait_until(lambda: "Reason=BeginTime" in _show(job_id), f"job {job_id} to be requeued", timeout=120)
+    _wait_until(
+        lambda: _node_state() == "idle", f"the node to finish job {job_id}'s first attempt", timeout=120
+    )
+    time.sleep(2)
     subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True)
+
+
+def _node_state() -> str:
+    listed = subprocess.run(["sinfo", "--noheader", "--format=%t"], capture_output=True, text=True)
+    return listed.stdout.strip()
 
 
 def _show(job_id: str) -> str:
