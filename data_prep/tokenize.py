@@ -18,6 +18,7 @@ from transformers import PreTrainedTokenizerBase
 from hermes_pipeline.chat_format.templates import render
 from hermes_pipeline.chat_format.tokens import IM_END, IM_START
 from hermes_pipeline.chat_format.tool_calls import ToolCall, render_tool_calls
+from hermes_pipeline.data_prep.sources import IMAGE_TAG
 from hermes_pipeline.rows import Reject
 
 IGNORE_INDEX = -100
@@ -47,7 +48,9 @@ def render_sft(row: dict[str, Any], template: str, bos_token: str) -> Rendered:
     messages = row["messages"]
     weights = [m.get("weight", 1.0) for m in messages if m["role"] == "assistant"]
     if template == "vicuna_v1":
-        return _render_vicuna(messages, weights)
+        return _render_vicuna(messages, weights, bos_token)
+    if template == "plain":
+        return _render_plain(messages, bos_token)
     tools = row.get("tools")
     text = (
         _render(messages, tools=tools, bos_token=bos_token)
@@ -91,16 +94,19 @@ def _chatml_spans(text: str, weights: list[float]) -> Rendered:
     return Rendered(text, spans, ends)
 
 
-def _render_vicuna(messages: list[dict[str, Any]], weights: list[float]) -> Rendered:
-    """LLaVA's conv_llava_v1: "SYSTEM USER: q ASSISTANT: a</s>USER: ..." with turns joined by a space."""
+def _render_vicuna(messages: list[dict[str, Any]], weights: list[float], bos_token: str) -> Rendered:
+    """LLaVA's conv_llava_v1 (separator style TWO): BOS, the system sentence and a space, then each turn as
+    "ROLE: message" followed by a space after a user turn and "</s>" after an assistant turn, so the next
+    turn follows "</s>" with no space: "<s>SYSTEM USER: q ASSISTANT: a</s>USER: q2 ASSISTANT: a2</s>".
+    Trained, as LLaVA masks it: each answer from the space after "ASSISTANT:" through its "</s>"."""
     system = messages[0]["content"] if messages[0]["role"] == "system" else VICUNA_SYSTEM
-    text, spans, ends = system, [], []
+    text, spans, ends = f"{bos_token}{system} ", [], []
     assistant_turn = 0
     for msg in messages:
         if msg["role"] == "user":
-            text += f" USER: {msg['content']}"
+            text += f"USER: {msg['content']} "
         elif msg["role"] == "assistant":
-            text += " ASSISTANT:"
+            text += "ASSISTANT:"
             start = len(text)
             text += f" {msg['content']}{VICUNA_EOS}"
             if weights[assistant_turn]:
@@ -110,6 +116,19 @@ def _render_vicuna(messages: list[dict[str, Any]], weights: list[float]) -> Rend
         elif msg["role"] == "tool":
             raise Reject("tool turns cannot be rendered in vicuna_v1")
     return Rendered(text, spans, ends)
+
+
+def _render_plain(messages: list[dict[str, Any]], bos_token: str) -> Rendered:
+    """LLaVA's stage-1 `plain` format for projector pre-training: BOS, the image, the caption and a newline;
+    the instruction and system sentence are dropped, and the caption with its newline is trained."""
+    turns = [m for m in messages if m["role"] != "system"]
+    if [m["role"] for m in turns] != ["user", "assistant"] or not turns[0]["content"].startswith(IMAGE_TAG):
+        raise Reject(
+            "a projector row is one image and its caption (one user turn opening with <image>, one answer)"
+        )
+    start = len(bos_token) + len(IMAGE_TAG)
+    text = f"{bos_token}{IMAGE_TAG}{turns[1]['content']}\n"
+    return Rendered(text, [(start, len(text))], [len(text)])
 
 
 def tokenize_rendered(

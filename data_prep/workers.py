@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -82,7 +83,12 @@ def process_batch(source: DataSource, records: list[Record]) -> list[Outcome]:
             outcomes[record.index] = Outcome(record.index, row_id, reason)
             continue
         kept.append((record, row_id, row))
-    tokenize = _tokenize_dpo if source.used_by == "dpo" else _tokenize_sft
+    if source.used_by == "dpo":
+        tokenize = _tokenize_dpo
+    else:  # projector pre-training renders LLaVA's stage-1 `plain` format, whatever the chat template
+        tokenize = partial(
+            _tokenize_sft, template="plain" if source.used_by == "projector" else _WORKER["template"]
+        )
     for (record, row_id, row), result in zip(kept, tokenize(tokenizer, [r for _, _, r in kept]), strict=True):
         if isinstance(result, Reject):
             outcomes[record.index] = Outcome(record.index, row_id, str(result))
@@ -91,11 +97,11 @@ def process_batch(source: DataSource, records: list[Record]) -> list[Outcome]:
     return [outcomes[record.index] for record in records]
 
 
-def _tokenize_sft(tokenizer: PreTrainedTokenizerBase, rows: list[dict[str, Any]]) -> list[Any]:
+def _tokenize_sft(tokenizer: PreTrainedTokenizerBase, rows: list[dict[str, Any]], template: str) -> list[Any]:
     rendered: list[Any] = []
     for row in rows:
         try:
-            rendered.append(render_sft(row, _WORKER["template"], tokenizer.bos_token or ""))
+            rendered.append(render_sft(row, template, tokenizer.bos_token or ""))
         except Reject as reject:
             rendered.append(reject)
     ok = [r for r in rendered if not isinstance(r, Reject)]

@@ -341,7 +341,7 @@ def test_weights_and_row_caps(tmp_path: Path) -> None:
     assert none["sources"]["openhermes"]["rejects_by_reason"].get("sampled out by weight", 0) >= 1
 
 
-def test_llava_rows_render_in_vicuna_v1(tmp_path: Path) -> None:
+def test_llava_rows_render_plain_for_the_projector_and_vicuna_v1_after(tmp_path: Path) -> None:
     images = FIXTURES / "images"
     vision = {
         "tower": "google/siglip-so400m-patch14-384",
@@ -366,11 +366,16 @@ def test_llava_rows_render_in_vicuna_v1(tmp_path: Path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(out / "tokenizer")
     projector_rows = rows(out, "projector")
     assert any(json.loads(r["row"]).get("images") for r in projector_rows)
-    for prepared in projector_rows:
+    for prepared in projector_rows:  # LLaVA's stage-1 plain format: the image, the caption, a newline
         text = tokenizer.decode(prepared["input_ids"], skip_special_tokens=False)
-        assert text.startswith(VICUNA_SYSTEM + " USER: ") and " ASSISTANT: " in text and text.endswith("</s>")
-        if json.loads(prepared["row"]).get("images"):
-            assert text.startswith(VICUNA_SYSTEM + " USER: <image>\n")
+        caption = json.loads(prepared["row"])["messages"][-1]["content"]
+        assert text == f"{tokenizer.bos_token}<image>{caption}\n"
+    instruct_rows = rows(out, "sft")
+    assert instruct_rows
+    for prepared in instruct_rows:
+        text = tokenizer.decode(prepared["input_ids"], skip_special_tokens=False)
+        assert text.startswith(f"{tokenizer.bos_token}{VICUNA_SYSTEM} USER: ") and text.endswith("</s>")
+        assert " ASSISTANT: " in text and "</s> USER" not in text
 
 
 def test_prep_command_and_inspect(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

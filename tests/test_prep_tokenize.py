@@ -117,8 +117,48 @@ def test_vicuna_v1_layout() -> None:
         ]
     }
     rendered = render_sft(row, "vicuna_v1", "<s>")
-    assert rendered.text == f"{VICUNA_SYSTEM} USER: <image>\nWhat is shown? ASSISTANT: A cat.</s>"
+    assert rendered.text == f"<s>{VICUNA_SYSTEM} USER: <image>\nWhat is shown? ASSISTANT: A cat.</s>"
     assert [rendered.text[a:b] for a, b in rendered.spans] == [" A cat.</s>"]
+
+
+def test_vicuna_v1_multi_turn_golden() -> None:
+    """LLaVA's conv_llava_v1.get_prompt() for this conversation, character for character: the next USER
+    follows "</s>" with no space, and only the answers (from the space after "ASSISTANT:") are trained."""
+    row = {
+        "messages": [
+            {"role": "user", "content": "<image>\nHow many circles?"},
+            {"role": "assistant", "content": "Three."},
+            {"role": "user", "content": "And their colour?"},
+            {"role": "assistant", "content": "Red, with a blue one."},
+        ]
+    }
+    rendered = render_sft(row, "vicuna_v1", "<s>")
+    assert rendered.text == (
+        "<s>A chat between a curious human and an artificial intelligence assistant. The assistant gives "
+        "helpful, detailed, and polite answers to the human's questions. USER: <image>\nHow many circles? "
+        "ASSISTANT: Three.</s>USER: And their colour? ASSISTANT: Red, with a blue one.</s>"
+    )
+    assert [rendered.text[a:b] for a, b in rendered.spans] == [" Three.</s>", " Red, with a blue one.</s>"]
+    assert rendered.turn_ends == [rendered.text.index("USER: And"), len(rendered.text)]
+
+
+def test_plain_keeps_only_the_image_and_its_caption() -> None:
+    """LLaVA's stage-1 preprocessing: the instruction is replaced by the image alone, the caption follows
+    with a newline, and everything after the image is trained."""
+    row = {
+        "messages": [
+            {"role": "user", "content": "<image>\nDescribe the picture briefly."},
+            {"role": "assistant", "content": "two green squares"},
+        ]
+    }
+    rendered = render_sft(row, "plain", "<s>")
+    assert rendered.text == "<s><image>two green squares\n"
+    assert [rendered.text[a:b] for a, b in rendered.spans] == ["two green squares\n"]
+    for messages in ([row["messages"][1]], [*row["messages"], *row["messages"]]):
+        with pytest.raises(Reject, match="one image and its caption"):
+            render_sft({"messages": messages}, "plain", "<s>")
+    with pytest.raises(Reject, match="one image and its caption"):
+        render_sft({"messages": [{"role": "user", "content": "no image"}, row["messages"][1]]}, "plain", "<s>")
 
 
 def test_dpo_prompt_and_completions_as_a_server_renders_them() -> None:
