@@ -158,7 +158,9 @@ def test_plain_keeps_only_the_image_and_its_caption() -> None:
         with pytest.raises(Reject, match="one image and its caption"):
             render_sft({"messages": messages}, "plain", "<s>")
     with pytest.raises(Reject, match="one image and its caption"):
-        render_sft({"messages": [{"role": "user", "content": "no image"}, row["messages"][1]]}, "plain", "<s>")
+        render_sft(
+            {"messages": [{"role": "user", "content": "no image"}, row["messages"][1]]}, "plain", "<s>"
+        )
 
 
 def test_dpo_prompt_and_completions_as_a_server_renders_them() -> None:
