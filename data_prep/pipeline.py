@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from hermes_pipeline.chat_format.tokens import prepare_tokenizer, save_tokenizer
+from hermes_pipeline.chat_format.tokens import IMAGE_TOKEN, add_image_token, prepare_tokenizer, save_tokenizer
 from hermes_pipeline.data_prep.mixture import (
     Decontaminator,
     dedup_key,
@@ -34,7 +34,7 @@ from hermes_pipeline.data_prep.mixture import (
     seeded_hash,
     unit_interval,
 )
-from hermes_pipeline.data_prep.tokenize import IGNORE_INDEX
+from hermes_pipeline.data_prep.tokenize import IGNORE_INDEX, ImageTokens
 from hermes_pipeline.data_prep.workers import Outcome, init_worker, plain_tokenizer_matches, process_batch
 from hermes_pipeline.errors import UserError
 from hermes_pipeline.readers import Record, iter_records
@@ -46,6 +46,7 @@ from hermes_pipeline.rundir import (
     write_resolved_recipe,
 )
 from hermes_pipeline.stages import run_stage
+from hermes_pipeline.vision import image_token_count, tower_config
 
 BATCH_ROWS = 256
 ROWS_PER_SHARD = 20_000  # ~100-200 MB of tokens: the most rows the final pass holds at once (Spool)
@@ -102,7 +103,18 @@ def load_tokenizer(recipe: Recipe) -> PreTrainedTokenizerBase:
         raise UserError(f"tokenizer {name}: cannot load ({str(exc).splitlines()[0]})") from None
     if recipe.tokenizer.add_chat_tokens:
         prepare_tokenizer(tokenizer, pad_to_multiple_of=recipe.tokenizer.pad_embeddings_to_multiple_of)
+    if recipe.vision is not None:
+        add_image_token(tokenizer)
     return tokenizer
+
+
+def image_tokens(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> ImageTokens | None:
+    """A vision recipe's image placeholder and the tokens an image fills (none for a text recipe)."""
+    if recipe.vision is None:
+        return None
+    return ImageTokens(
+        tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), image_token_count(tower_config(recipe.vision))
+    )
 
 
 def eval_sets(recipe: Recipe) -> list[str]:
@@ -132,6 +144,8 @@ def input_fingerprints(recipe: Recipe) -> dict[str, str]:
     paths = {f"source:{s.name}": s.path for s in recipe.data.sources}
     paths["tokenizer"] = recipe.tokenizer.name_or_path or recipe.model.name_or_path or ""
     paths |= {f"eval:{p}": p for p in eval_sets(recipe)}
+    if recipe.vision is not None:  # its image and patch sizes say how many tokens an image fills
+        paths["vision_tower"] = recipe.vision.tower_config or recipe.vision.tower or ""
     return {key: (file_fingerprint(p) if Path(p).exists() else f"hub:{p}") for key, p in paths.items()}
 
 
@@ -151,7 +165,7 @@ def run_prep(recipe: Recipe, force: bool = False, log: Callable[[str], None] = p
         stats: dict[str, SourceStats] = {}
         with (
             (work / "rejects.jsonl").open("w", encoding="utf-8") as rejects,
-            WorkerPool(recipe, work, decontaminator, plain) as run,
+            WorkerPool(recipe, work, decontaminator, plain, image_tokens(recipe, tokenizer)) as run,
         ):
             seen: dict[int, str] = {}
             for position, source in enumerate(recipe.data.sources):
@@ -248,8 +262,15 @@ class WorkerPool:
     Pool.imap would read the whole source ahead of the workers; a window keeps memory flat on a 1M-row file.
     """
 
-    def __init__(self, recipe: Recipe, work: Path, decontaminator: Decontaminator, plain: bool) -> None:
-        self.args = (str(work / "tokenizer"), plain, recipe, decontaminator)
+    def __init__(
+        self,
+        recipe: Recipe,
+        work: Path,
+        decontaminator: Decontaminator,
+        plain: bool,
+        image: ImageTokens | None,
+    ) -> None:
+        self.args = (str(work / "tokenizer"), plain, recipe, decontaminator, image)
         self.processes = recipe.data.num_proc
         self.pool: Any = None
 

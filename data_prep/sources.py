@@ -20,6 +20,7 @@ from jsonschema.exceptions import SchemaError
 from jsonschema.validators import Draft202012Validator, validator_for
 from PIL import Image
 
+from hermes_pipeline.chat_format.tokens import IMAGE_TOKEN
 from hermes_pipeline.chat_format.tool_calls import (
     TOOLS_OPEN,
     ToolCall,
@@ -45,7 +46,6 @@ Row = dict[str, Any]
 # ShareGPT speakers (the "from" field) and the canonical roles they become.
 CHAT_SPEAKERS = {"system": "system", "human": "user", "gpt": "assistant"}
 TOOL_SPEAKERS = {**CHAT_SPEAKERS, "tool": "tool"}
-IMAGE_TAG = "<image>"
 RESPONSE_OPEN, RESPONSE_CLOSE = "<tool_response>", "</tool_response>"
 _RESPONSE_BLOCK = re.compile(f"{RESPONSE_OPEN}(.*?){RESPONSE_CLOSE}", re.DOTALL)
 
@@ -116,7 +116,7 @@ def _from_llava(data: dict, row_id: str, source: DataSource) -> Row:
     Text-only rows, common in LLaVA mixes, have no ``image`` and get no ``images``.
     """
     messages = _from_turns(_list(data, "conversations"), CHAT_SPEAKERS)
-    tagged = [index for index, msg in enumerate(messages) if IMAGE_TAG in msg["content"]]
+    tagged = [index for index, msg in enumerate(messages) if IMAGE_TOKEN in msg["content"]]
     row = {**_header(row_id, source), "messages": messages}
     if data.get("image") is None:
         if tagged:
@@ -125,10 +125,10 @@ def _from_llava(data: dict, row_id: str, source: DataSource) -> Row:
     first_user = next((index for index, msg in enumerate(messages) if msg["role"] == "user"), None)
     if first_user is None:
         raise Reject("no user turn for the image")
-    if any(index != first_user for index in tagged) or messages[first_user]["content"].count(IMAGE_TAG) > 1:
+    if any(index != first_user for index in tagged) or messages[first_user]["content"].count(IMAGE_TOKEN) > 1:
         raise Reject("misplaced <image> tag")
-    text = messages[first_user]["content"].replace(IMAGE_TAG, "").strip()
-    messages[first_user] = {**messages[first_user], "content": f"{IMAGE_TAG}\n{text}"}
+    text = messages[first_user]["content"].replace(IMAGE_TOKEN, "").strip()
+    messages[first_user] = {**messages[first_user], "content": f"{IMAGE_TOKEN}\n{text}"}
     row["images"] = [_checked_image(data["image"], source)]
     return row
 

@@ -16,9 +16,8 @@ from jinja2 import TemplateError
 from transformers import PreTrainedTokenizerBase
 
 from hermes_pipeline.chat_format.templates import render
-from hermes_pipeline.chat_format.tokens import IM_END, IM_START
+from hermes_pipeline.chat_format.tokens import IM_END, IM_START, IMAGE_TOKEN
 from hermes_pipeline.chat_format.tool_calls import ToolCall, render_tool_calls
-from hermes_pipeline.data_prep.sources import IMAGE_TAG
 from hermes_pipeline.rows import Reject
 
 IGNORE_INDEX = -100
@@ -35,6 +34,16 @@ class Rendered:
     text: str
     spans: list[tuple[int, int]]  # [start, end) character ranges that are trained
     turn_ends: list[int]  # character offset just after each assistant turn's closing marker
+
+
+@dataclass(frozen=True)
+class ImageTokens:
+    """A LLaVA model's image placeholder: its token id, and how many tokens one image's features fill. Prep
+    writes every image as that many tokens, as the model's processor does, so a row's length is its true
+    length in training."""
+
+    id: int
+    count: int
 
 
 @dataclass(frozen=True)
@@ -122,42 +131,56 @@ def _render_plain(messages: list[dict[str, Any]], bos_token: str) -> Rendered:
     """LLaVA's stage-1 `plain` format for projector pre-training: BOS, the image, the caption and a newline;
     the instruction and system sentence are dropped, and the caption with its newline is trained."""
     turns = [m for m in messages if m["role"] != "system"]
-    if [m["role"] for m in turns] != ["user", "assistant"] or not turns[0]["content"].startswith(IMAGE_TAG):
+    if [m["role"] for m in turns] != ["user", "assistant"] or not turns[0]["content"].startswith(IMAGE_TOKEN):
         raise Reject(
             "a projector row is one image and its caption (one user turn opening with <image>, one answer)"
         )
-    start = len(bos_token) + len(IMAGE_TAG)
-    text = f"{bos_token}{IMAGE_TAG}{turns[1]['content']}\n"
+    start = len(bos_token) + len(IMAGE_TOKEN)
+    text = f"{bos_token}{IMAGE_TOKEN}{turns[1]['content']}\n"
     return Rendered(text, [(start, len(text))], [len(text)])
 
 
 def tokenize_rendered(
-    tokenizer: PreTrainedTokenizerBase, rendered: list[Rendered], max_seq_len: int, truncate: bool
+    tokenizer: PreTrainedTokenizerBase,
+    rendered: list[Rendered],
+    max_seq_len: int,
+    truncate: bool,
+    image: ImageTokens | None = None,
 ) -> list[Tokenized | Reject]:
     """Tokenize a batch in one call and turn character spans into labels.
 
     Only span boundaries are mapped to tokens (``char_to_token``), never every token's offsets, and the
     Rust tokenizer is called directly: labels then cost a few slices per row, which keeps this close to
     the speed of bare tokenization. A row longer than ``max_seq_len`` is dropped, or with ``truncate``
-    cut after the last assistant turn that still fits, never inside a turn.
+    cut after the last assistant turn that still fits, never inside a turn. With ``image``, each image
+    token counts as the tokens its features fill: a row whose images would not fit is rejected here, never
+    cut into the "image features and image tokens do not match" crash in training.
     """
     encodings = tokenizer.backend_tokenizer.encode_batch([r.text for r in rendered], add_special_tokens=False)
     return [
-        _labelled(r, encoding, max_seq_len, truncate) for r, encoding in zip(rendered, encodings, strict=True)
+        _labelled(r, encoding, max_seq_len, truncate, image)
+        for r, encoding in zip(rendered, encodings, strict=True)
     ]
 
 
-def _labelled(r: Rendered, encoding: Any, max_seq_len: int, truncate: bool) -> Tokenized | Reject:
+def _labelled(
+    r: Rendered, encoding: Any, max_seq_len: int, truncate: bool, image: ImageTokens | None
+) -> Tokenized | Reject:
     ids = encoding.ids
     length = len(ids)
-    if length > max_seq_len:
+    # Images open the first user turn (sources.py puts them there), so every cut point lies after them all.
+    extra = (image.count - 1) * ids.count(image.id) if image else 0
+    if length + extra > max_seq_len:
+        too_long = "too long with its image tokens" if extra and length <= max_seq_len else "too long"
         if not truncate:
-            return Reject("too long")
+            return Reject(too_long)
         fits = [
-            cut for cut in (encoding.char_to_token(end - 1) + 1 for end in r.turn_ends) if cut <= max_seq_len
+            cut
+            for cut in (encoding.char_to_token(end - 1) + 1 for end in r.turn_ends)
+            if cut + extra <= max_seq_len
         ]
         if not fits:
-            return Reject("too long even when truncated at a turn")
+            return Reject(f"{too_long} even when truncated at a turn")
         length = fits[-1]
     labels = [IGNORE_INDEX] * length
     trained = False
@@ -168,7 +191,23 @@ def _labelled(r: Rendered, encoding: Any, max_seq_len: int, truncate: bool) -> T
             trained = True
     if not trained:
         return Reject("nothing to train on")
+    if extra:
+        return _expand_images(ids[:length], labels, image)
     return Tokenized(ids[:length], labels)
+
+
+def _expand_images(ids: list[int], labels: list[int], image: ImageTokens) -> Tokenized:
+    """Each image token written ``image.count`` times, never trained."""
+    expanded_ids: list[int] = []
+    expanded_labels: list[int] = []
+    for token, label in zip(ids, labels, strict=True):
+        if token == image.id:
+            expanded_ids += [token] * image.count
+            expanded_labels += [IGNORE_INDEX] * image.count
+        else:
+            expanded_ids.append(token)
+            expanded_labels.append(label)
+    return Tokenized(expanded_ids, expanded_labels)
 
 
 def render_dpo(row: dict[str, Any], template: str, bos_token: str) -> tuple[str, str, str]:

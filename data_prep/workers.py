@@ -19,7 +19,13 @@ from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from hermes_pipeline.data_prep import sources
 from hermes_pipeline.data_prep.mixture import Decontaminator
-from hermes_pipeline.data_prep.tokenize import render_dpo, render_sft, tokenize_dpo, tokenize_rendered
+from hermes_pipeline.data_prep.tokenize import (
+    ImageTokens,
+    render_dpo,
+    render_sft,
+    tokenize_dpo,
+    tokenize_rendered,
+)
 from hermes_pipeline.readers import Record
 from hermes_pipeline.recipe.schema import DataSource, Recipe
 from hermes_pipeline.rows import Reject
@@ -47,7 +53,9 @@ def plain_tokenizer_matches(tokenizer: PreTrainedTokenizerBase, folder: Path) ->
     return same_backend and plain.bos_token == tokenizer.bos_token
 
 
-def init_worker(tokenizer_dir: str, plain: bool, recipe: Recipe, decontaminator: Decontaminator) -> None:
+def init_worker(
+    tokenizer_dir: str, plain: bool, recipe: Recipe, decontaminator: Decontaminator, image: ImageTokens | None
+) -> None:
     if plain:
         tokenizer = PreTrainedTokenizerFast.from_pretrained(tokenizer_dir)
     else:
@@ -61,6 +69,7 @@ def init_worker(tokenizer_dir: str, plain: bool, recipe: Recipe, decontaminator:
         max_seq_len=recipe.data.max_seq_len,
         truncate=recipe.data.overlong == "truncate",
         decontaminator=decontaminator,
+        image=image,
     )
 
 
@@ -106,7 +115,9 @@ def _tokenize_sft(tokenizer: PreTrainedTokenizerBase, rows: list[dict[str, Any]]
             rendered.append(reject)
     ok = [r for r in rendered if not isinstance(r, Reject)]
     tokenized = iter(
-        tokenize_rendered(tokenizer, ok, _WORKER["max_seq_len"], _WORKER["truncate"]) if ok else []
+        tokenize_rendered(tokenizer, ok, _WORKER["max_seq_len"], _WORKER["truncate"], _WORKER["image"])
+        if ok
+        else []
     )
     results: list[Any] = []
     for r in rendered:

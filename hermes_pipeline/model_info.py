@@ -18,7 +18,7 @@ def load_model_config(model: ModelSection) -> PretrainedConfig:
     source = model.config or model.name_or_path
     try:
         if model.config:
-            return _config_from_file(model.config)
+            return config_from_file(model.config)
         return AutoConfig.from_pretrained(
             source, revision=model.revision, trust_remote_code=model.trust_remote_code
         )
@@ -29,7 +29,7 @@ def load_model_config(model: ModelSection) -> PretrainedConfig:
         ) from None
 
 
-def _config_from_file(path: str) -> PretrainedConfig:
+def config_from_file(path: str) -> PretrainedConfig:
     config_dict = json.loads(Path(path).read_text(encoding="utf-8"))
     if "model_type" not in config_dict:
         raise ValueError("config.json has no model_type")

@@ -344,7 +344,8 @@ def test_weights_and_row_caps(tmp_path: Path) -> None:
 def test_llava_rows_render_plain_for_the_projector_and_vicuna_v1_after(tmp_path: Path) -> None:
     images = FIXTURES / "images"
     vision = {
-        "tower": "google/siglip-so400m-patch14-384",
+        "tower_config": str(ROOT / "configs/models/tiny-siglip.json"),  # 16 image tokens an image
+        "tower_init": "random",
         "projector_pretrain": {"precision": "fp32", "resources": {"gpus_per_node": 0}},
     }
     llava = [
@@ -369,7 +370,12 @@ def test_llava_rows_render_plain_for_the_projector_and_vicuna_v1_after(tmp_path:
     for prepared in projector_rows:  # LLaVA's stage-1 plain format: the image, the caption, a newline
         text = tokenizer.decode(prepared["input_ids"], skip_special_tokens=False)
         caption = json.loads(prepared["row"])["messages"][-1]["content"]
-        assert text == f"{tokenizer.bos_token}<image>{caption}\n"
+        assert text == f"{tokenizer.bos_token}{'<image>' * 16}{caption}\n"  # as many as the tower's patches
+        image_id = tokenizer.convert_tokens_to_ids("<image>")
+        trained = [label for label in prepared["labels"] if label != -100]
+        assert image_id not in trained and len(trained) == len(
+            tokenizer(caption + "\n", add_special_tokens=False).input_ids
+        )
     instruct_rows = rows(out, "sft")
     assert instruct_rows
     for prepared in instruct_rows:
@@ -414,7 +420,7 @@ def test_workers_tokenize_without_torch(tmp_path: Path, plain: bool) -> None:
     save_tokenizer(load_tokenizer(recipe), tmp_path / "tokenizer")
     source = recipe.data.sources[0]
     job = (
-        WorkerPool(recipe, tmp_path, Decontaminator(13), plain).args,
+        WorkerPool(recipe, tmp_path, Decontaminator(13), plain, None).args,
         source,
         list(iter_records(source.path)),
     )

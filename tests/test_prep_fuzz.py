@@ -167,7 +167,8 @@ def test_mutated_llava_rows_are_accounted_for(tmp_path: Path) -> None:
         "stage": "projector",
     }
     vision = {
-        "tower": "google/siglip-so400m-patch14-384",
+        "tower_config": str(ROOT / "configs/models/tiny-siglip.json"),  # 16 image tokens an image
+        "tower_init": "random",
         "projector_pretrain": {"resources": {"gpus_per_node": 0}},
     }
     tokenizer = {"name_or_path": str(ROOT / "hermes_pipeline/assets/tiny_tokenizer"), "template": "vicuna_v1"}

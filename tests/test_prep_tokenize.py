@@ -8,11 +8,13 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, train
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from hermes_pipeline.chat_format.templates import render
-from hermes_pipeline.chat_format.tokens import prepare_tokenizer
+from hermes_pipeline.chat_format.tokens import add_image_token, prepare_tokenizer
 from hermes_pipeline.data_prep import sources
 from hermes_pipeline.data_prep.tokenize import (
     IGNORE_INDEX,
     VICUNA_SYSTEM,
+    ImageTokens,
+    Tokenized,
     plain_chatml,
     render_dpo,
     render_sft,
@@ -329,3 +331,34 @@ def test_a_merge_across_the_prompt_boundary_moves_the_merged_token_into_the_comp
     assert columns["prompt_input_ids"] == alone[:-1], "the prompt's closing newline merged with the answer's"
     assert tokenizer.decode(columns["chosen_input_ids"]).startswith("\n\n\nMars")
     assert tokenizer.decode(columns["rejected_input_ids"]).startswith("\nJupiter"), "same prompt for both"
+
+
+def test_image_tokens_count_towards_the_length_and_a_row_they_push_over_is_rejected() -> None:
+    """Each <image> is written as the tokens its features fill, untrained. A row that fits as text but not
+    with its image is a counted reject in prep, where truncating it would crash training on "image
+    features and image tokens do not match"; truncation keeps whole images or drops the row."""
+    tokenizer = load_tiny_tokenizer()
+    image = ImageTokens(add_image_token(tokenizer), count=16)
+    row = {
+        "messages": [
+            {"role": "user", "content": "<image>\nWhat is shown?"},
+            {"role": "assistant", "content": "A cat."},
+            {"role": "user", "content": "Sure?"},
+            {"role": "assistant", "content": "Yes, a cat."},
+        ]
+    }
+    rendered = render_sft(row, "vicuna_v1", tokenizer.bos_token)
+    text_length = len(tokenizer(rendered.text, add_special_tokens=False).input_ids)
+    (whole,) = tokenize_rendered(tokenizer, [rendered], text_length + 15, truncate=False, image=image)
+    assert isinstance(whole, Tokenized) and len(whole.input_ids) == text_length + 15
+    start = whole.input_ids.index(image.id)
+    assert (
+        whole.input_ids[start : start + 16] == [image.id] * 16
+        and image.id not in whole.input_ids[start + 16 :]
+    )
+    assert whole.labels[start : start + 16] == [IGNORE_INDEX] * 16
+    (over,) = tokenize_rendered(tokenizer, [rendered], text_length + 14, truncate=False, image=image)
+    assert str(over) == "too long with its image tokens"
+    (cut,) = tokenize_rendered(tokenizer, [rendered], text_length + 14, truncate=True, image=image)
+    assert isinstance(cut, Tokenized) and cut.input_ids.count(image.id) == 16
+    assert tokenizer.decode(cut.input_ids).endswith("ASSISTANT: A cat.</s>")

@@ -20,6 +20,8 @@ CONTROL_TOKENS = (IM_START, IM_END)
 # so that servers and our own codec can parse them.
 CHAT_TOKENS = (*CONTROL_TOKENS, *TOOL_TAGS)
 FALLBACK_PAD = "<|pad|>"
+# LLaVA's image placeholder: one special token, which the model replaces by the image's features.
+IMAGE_TOKEN = "<image>"
 
 
 def prepare_tokenizer(
@@ -49,6 +51,14 @@ def prepare_tokenizer(
     install_templates(tokenizer)
     target_rows = padded_rows(len(tokenizer), pad_to_multiple_of)
     return max(0, target_rows - rows_before)
+
+
+def add_image_token(tokenizer: PreTrainedTokenizerBase) -> int:
+    """Add ``<image>`` as a special token (one id, never split, not in decoded text) and return its id; the
+    model's embeddings grow for it as they do for the chat tokens."""
+    if IMAGE_TOKEN not in tokenizer.get_vocab():
+        tokenizer.add_tokens([_added(IMAGE_TOKEN, special=True)], special_tokens=True)
+    return tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
 
 
 def padded_rows(tokens: int, multiple: int) -> int:

@@ -345,12 +345,28 @@ class EvalSection(Section):
 class VisionSection(Section):
     """LLaVA-style vision: a frozen tower, a projector trained alone first, then projector + LLM."""
 
-    tower: ModelRef
+    tower: ModelRef | None = (
+        None  # a vision checkpoint (SigLIP, or a whole SigLIP/CLIP of which its vision half)
+    )
+    # The tower's config.json: what a tower built from config (tower_init: random, the tiny recipe) is built
+    # from, and what validate and plan read when the tower is not at hand.
+    tower_config: LocalPath | None = None
+    tower_init: Literal["pretrained", "random"] = "pretrained"
     projector: Literal["linear", "mlp2x_gelu"] = "mlp2x_gelu"
     select_layer: Int = -2
     image_aspect_ratio: Literal["pad", "square"] = "pad"
     # Stage 1 trains the projector alone on image-caption pairs; the LLM and the tower stay frozen.
     projector_pretrain: Optimization
+
+    @model_validator(mode="after")
+    def _tower_source(self) -> VisionSection:
+        if self.tower_init == "random" and self.tower_config is None:
+            raise ValueError(
+                "tower_init: random needs vision.tower_config (a config.json to build the tower from)"
+            )
+        if self.tower_init == "pretrained" and self.tower is None:
+            raise ValueError("tower_init: pretrained needs vision.tower (a Hub id or a local directory)")
+        return self
 
 
 class TrackingSection(Section):

@@ -1,0 +1,112 @@
+"""A LLaVA model assembled from a separate vision tower and language model (Hermes 2 Vision: a SigLIP tower
+on OpenHermes-2.5-Mistral-7B), as transformers' own ``LlavaForConditionalGeneration``.
+
+Why transformers' class rather than LLaVA's code: it is what users load and serve (AutoProcessor, vLLM,
+llama.cpp's converters read its layout), and it takes any vision and text sub-configs. The recipe's
+``vision`` section maps onto its config: ``select_layer`` is ``vision_feature_layer``; SigLIP has no CLS
+token, so every patch becomes an image token (``vision_feature_select_strategy: full``); ``mlp2x_gelu`` is
+its two-layer projector with GELU. The tower is frozen in every stage.
+
+Assembly moves the given modules into the LLaVA model (nothing is copied, so a 7B language model is never
+held twice); only the projector is new, initialized from the recipe's seed.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    PretrainedConfig,
+    PreTrainedModel,
+)
+from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
+
+from hermes_pipeline.errors import UserError
+from hermes_pipeline.model_info import config_from_file
+from hermes_pipeline.recipe.schema import VisionSection
+
+# LLaVA-1.5's projector, the one transformers' LLaVA class builds.
+PROJECTOR_ACT = {"mlp2x_gelu": "gelu"}
+
+
+def tower_config(vision: VisionSection) -> PretrainedConfig:
+    """The tower's vision config: ``vision.tower_config`` if given, else the checkpoint's (the vision half
+    of a whole SigLIP or CLIP config). SigLIP's pooling head is dropped: LLaVA reads hidden states only."""
+    try:
+        if vision.tower_config:
+            config = config_from_file(vision.tower_config)
+        else:
+            config = AutoConfig.from_pretrained(vision.tower)
+    except (OSError, ValueError, KeyError) as exc:
+        source = vision.tower_config or vision.tower
+        raise UserError(
+            f"cannot read the vision tower's config {source} ({str(exc).splitlines()[0]}); "
+            "set vision.tower_config to a local config.json"
+        ) from None
+    config = getattr(config, "vision_config", config)
+    if hasattr(config, "vision_use_head"):
+        config.vision_use_head = False
+    return config
+
+
+def image_token_count(config: PretrainedConfig) -> int:
+    """Image tokens one image takes in the language model's sequence: one per patch (strategy full)."""
+    return (config.image_size // config.patch_size) ** 2
+
+
+def load_tower(vision: VisionSection, dtype: torch.dtype, seed: int) -> PreTrainedModel:
+    """The frozen vision tower: built from its config (seeded) or loaded from the checkpoint's vision half."""
+    config = tower_config(vision)
+    if vision.tower_init == "random":
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            tower = AutoModel.from_config(config, dtype=dtype)
+    else:
+        tower = AutoModel.from_pretrained(vision.tower, config=config, dtype=dtype)
+    return tower.requires_grad_(False)
+
+
+def llava_config(
+    text: PretrainedConfig, tower: PretrainedConfig, vision: VisionSection, image_token_id: int
+) -> LlavaConfig:
+    if vision.projector not in PROJECTOR_ACT:
+        raise UserError(
+            f"vision.projector: {vision.projector} is not built; transformers' LLaVA class has the two-layer "
+            "projector only (mlp2x_gelu)"
+        )
+    return LlavaConfig(
+        vision_config=tower,
+        text_config=text,
+        image_token_id=image_token_id,
+        image_seq_length=image_token_count(tower),
+        projector_hidden_act=PROJECTOR_ACT[vision.projector],
+        vision_feature_layer=vision.select_layer,
+        vision_feature_select_strategy="full",
+        tie_word_embeddings=text.tie_word_embeddings,
+    )
+
+
+def assemble(
+    language_model: PreTrainedModel,
+    tower: PreTrainedModel,
+    vision: VisionSection,
+    image_token_id: int,
+    seed: int,
+) -> LlavaForConditionalGeneration:
+    """The LLaVA model around ``language_model`` (a causal LM whose embeddings already hold the image token)
+    and ``tower``, with a new projector."""
+    config = llava_config(language_model.config, tower.config, vision, image_token_id)
+    with torch.device("meta"):
+        llava = LlavaForConditionalGeneration(config)
+    llava.model.vision_tower = tower.requires_grad_(False)
+    llava.model.language_model = language_model.get_decoder()
+    llava.lm_head = language_model.get_output_embeddings()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        projector = LlavaMultiModalProjector(config)
+    llava.model.multi_modal_projector = projector.to(language_model.dtype)
+    llava.generation_config = language_model.generation_config
+    return llava
