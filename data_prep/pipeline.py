@@ -26,7 +26,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from hermes_pipeline.chat_format.tokens import IMAGE_TOKEN, add_image_token, prepare_tokenizer, save_tokenizer
+from hermes_pipeline.chat_format.tokens import (
+    IMAGE_TOKEN,
+    add_image_token,
+    prepare_tokenizer,
+    save_tokenizer,
+    use_vicuna_v1,
+)
 from hermes_pipeline.data_prep.mixture import (
     Decontaminator,
     dedup_key,
@@ -103,6 +109,8 @@ def load_tokenizer(recipe: Recipe) -> PreTrainedTokenizerBase:
         raise UserError(f"tokenizer {name}: cannot load ({str(exc).splitlines()[0]})") from None
     if recipe.tokenizer.add_chat_tokens:
         prepare_tokenizer(tokenizer, pad_to_multiple_of=recipe.tokenizer.pad_embeddings_to_multiple_of)
+    if recipe.tokenizer.template == "vicuna_v1":
+        use_vicuna_v1(tokenizer)
     if recipe.vision is not None:
         add_image_token(tokenizer)
     return tokenizer

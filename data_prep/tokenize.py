@@ -16,13 +16,12 @@ from jinja2 import TemplateError
 from transformers import PreTrainedTokenizerBase
 
 from hermes_pipeline.chat_format.templates import render
-from hermes_pipeline.chat_format.tokens import IM_END, IM_START, IMAGE_TOKEN
+from hermes_pipeline.chat_format.tokens import IM_END, IM_START, IMAGE_TOKEN, VICUNA_EOS
 from hermes_pipeline.chat_format.tool_calls import ToolCall, render_tool_calls
 from hermes_pipeline.rows import Reject
 
 IGNORE_INDEX = -100
 ASSISTANT_OPEN = f"{IM_START}assistant"
-VICUNA_EOS = "</s>"  # LLaVA's sep2: the base model's EOS written as text, whatever the chat EOS is
 VICUNA_SYSTEM = (
     "A chat between a curious human and an artificial intelligence assistant. "
     "The assistant gives helpful, detailed, and polite answers to the human's questions."

@@ -14,16 +14,24 @@ held twice); only the projector is new, initialized from the recipe's seed.
 from __future__ import annotations
 
 import torch
+from PIL import Image
 from transformers import (
     AutoConfig,
+    AutoImageProcessor,
     AutoModel,
     LlavaConfig,
     LlavaForConditionalGeneration,
+    LlavaProcessor,
     PretrainedConfig,
     PreTrainedModel,
+    PreTrainedTokenizerBase,
+    SiglipImageProcessorPil,
 )
+from transformers.image_processing_utils import BaseImageProcessor
 from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
+from hermes_pipeline.chat_format.templates import VICUNA_TEMPLATE, template_source
+from hermes_pipeline.chat_format.tokens import IMAGE_TOKEN
 from hermes_pipeline.errors import UserError
 from hermes_pipeline.model_info import config_from_file
 from hermes_pipeline.recipe.schema import VisionSection
@@ -110,3 +118,40 @@ def assemble(
     llava.model.multi_modal_projector = projector.to(language_model.dtype)
     llava.generation_config = language_model.generation_config
     return llava
+
+
+def image_processor(vision: VisionSection, config: PretrainedConfig) -> BaseImageProcessor:
+    """The tower's image processor: the checkpoint's own, or for a tower built from config SigLIP's
+    (resized to the tower's image size, mean and std 0.5)."""
+    if vision.tower_init == "pretrained":
+        return AutoImageProcessor.from_pretrained(vision.tower)
+    return SiglipImageProcessorPil(size={"height": config.image_size, "width": config.image_size})
+
+
+def build_processor(
+    tokenizer: PreTrainedTokenizerBase, images: BaseImageProcessor, config: PretrainedConfig
+) -> LlavaProcessor:
+    """What AutoProcessor loads from the packaged model: the image processor, the tokenizer, and Vicuna v1
+    as the chat template. It writes each ``<image>`` as one token per patch, as prep does."""
+    return LlavaProcessor(
+        image_processor=images,
+        tokenizer=tokenizer,
+        patch_size=config.patch_size,
+        vision_feature_select_strategy="full",
+        num_additional_image_tokens=0,
+        image_token=IMAGE_TOKEN,
+        chat_template=template_source(VICUNA_TEMPLATE),
+    )
+
+
+def pad_to_square(image: Image.Image, mean: list[float]) -> Image.Image:
+    """LLaVA-1.5's ``image_aspect_ratio: pad``: the image centred on a square of the processor's mean colour,
+    so that resizing to the tower's square input keeps its proportions."""
+    image = image.convert("RGB")
+    width, height = image.size
+    if width == height:
+        return image
+    side = max(width, height)
+    square = Image.new("RGB", (side, side), tuple(int(channel * 255) for channel in mean))
+    square.paste(image, ((side - width) // 2, (side - height) // 2))
+    return square

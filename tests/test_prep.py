@@ -365,6 +365,9 @@ def test_llava_rows_render_plain_for_the_projector_and_vicuna_v1_after(tmp_path:
     assert report["sources"]["instruct"]["rejects_by_reason"].get("duplicate of a row in captions")
     assert {"missing image", "corrupt image"} <= set(report["sources"]["captions"]["rejects_by_reason"])
     tokenizer = AutoTokenizer.from_pretrained(out / "tokenizer")
+    # answers end with </s>: generation stops there, and padding (masked in labels) is something else
+    assert tokenizer.eos_token == "</s>" and tokenizer.pad_token == tokenizer.unk_token == "<unk>"
+    assert "ASSISTANT:" in tokenizer.chat_template and "im_start" not in tokenizer.chat_template
     projector_rows = rows(out, "projector")
     assert any(json.loads(r["row"]).get("images") for r in projector_rows)
     for prepared in projector_rows:  # LLaVA's stage-1 plain format: the image, the caption, a newline

@@ -7,13 +7,24 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import SiglipConfig, SiglipModel, SiglipVisionConfig
+from PIL import Image
+from transformers import AutoProcessor, SiglipConfig, SiglipModel, SiglipVisionConfig
 
-from hermes_pipeline.chat_format.tokens import IMAGE_TOKEN, add_image_token
+from hermes_pipeline.chat_format.templates import VICUNA_TEMPLATE, render, template_source
+from hermes_pipeline.chat_format.tokens import IMAGE_TOKEN, add_image_token, use_vicuna_v1
+from hermes_pipeline.data_prep.tokenize import ImageTokens, render_sft, tokenize_rendered
 from hermes_pipeline.errors import UserError
 from hermes_pipeline.recipe.schema import VisionSection
 from hermes_pipeline.tiny import build_tiny_model, load_tiny_tokenizer
-from hermes_pipeline.vision import assemble, image_token_count, load_tower, tower_config
+from hermes_pipeline.vision import (
+    assemble,
+    build_processor,
+    image_processor,
+    image_token_count,
+    load_tower,
+    pad_to_square,
+    tower_config,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_SIGLIP = ROOT / "configs" / "models" / "tiny-siglip.json"
@@ -27,6 +38,7 @@ def _section(**changes: object) -> VisionSection:
 @pytest.fixture(scope="module")
 def tiny_llava() -> tuple:
     tokenizer = load_tiny_tokenizer()
+    use_vicuna_v1(tokenizer)
     image_id = add_image_token(tokenizer)
     language_model = build_tiny_model("mistral", seed=1)
     assert (
@@ -110,3 +122,63 @@ def test_a_pretrained_tower_is_the_vision_half_of_a_whole_siglip(tmp_path: Path)
     assert set(loaded) == set(expected)
     for name, value in loaded.items():
         assert torch.equal(value, expected[name]), name
+
+
+CONVERSATION = [
+    {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "How many circles?"}]},
+    {"role": "assistant", "content": "Three."},
+    {"role": "user", "content": "And their colour?"},
+    {"role": "assistant", "content": "Red."},
+]
+
+
+def test_the_vicuna_template_renders_what_prep_trains_on() -> None:
+    """The packaged chat template and prep's renderer are two paths to one text: an image part renders as
+    prep's <image> line, and the generation prompt stops before the answer's leading space."""
+    as_prep = [
+        {**m, "content": "<image>\nHow many circles?"} if i == 0 else m for i, m in enumerate(CONVERSATION)
+    ]
+    trained = render_sft({"messages": as_prep}, "vicuna_v1", "<s>")
+    vicuna = template_source(VICUNA_TEMPLATE)
+    assert render(CONVERSATION, template=vicuna, bos_token="<s>") == trained.text
+    prompt = render(CONVERSATION[:3], template=vicuna, bos_token="<s>", add_generation_prompt=True)
+    assert prompt + trained.text[trained.spans[1][0] :] == trained.text
+
+
+def test_the_processor_writes_images_as_prep_does_and_reloads_with_autoprocessor(
+    tiny_llava: tuple, tmp_path: Path
+) -> None:
+    llava, tokenizer, image_id, _ = tiny_llava
+    config = llava.config.vision_config
+    processor = build_processor(tokenizer, image_processor(_section(), config), config)
+    processor.save_pretrained(tmp_path)
+    processor = AutoProcessor.from_pretrained(tmp_path)
+    assert type(processor).__name__ == "LlavaProcessor"
+    assert processor.chat_template == processor.tokenizer.chat_template == template_source(VICUNA_TEMPLATE)
+    assert processor.tokenizer.eos_token == "</s>" and processor.tokenizer.pad_token == "<unk>"
+
+    text = processor.apply_chat_template(CONVERSATION, add_generation_prompt=False)
+    picture = Image.new("RGB", (80, 50), (200, 30, 30))
+    batch = processor(text=text, images=[picture], add_special_tokens=False, return_tensors="pt")
+    rendered = render_sft(
+        {"messages": [{**CONVERSATION[0], "content": "<image>\nHow many circles?"}, *CONVERSATION[1:]]},
+        "vicuna_v1",
+        tokenizer.bos_token,
+    )
+    (prepared,) = tokenize_rendered(
+        tokenizer, [rendered], 4096, truncate=False, image=ImageTokens(image_id, 16)
+    )
+    assert batch["input_ids"][0].tolist() == prepared.input_ids
+    assert batch["pixel_values"].shape == (1, 3, 64, 64)
+    with torch.no_grad():  # the packaged pair runs: image tokens and features agree
+        llava(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"])
+
+
+def test_pad_to_square_centres_the_image_on_the_mean_colour() -> None:
+    wide = Image.new("RGB", (40, 20), (255, 0, 0))
+    square = pad_to_square(wide, [0.5, 0.5, 0.5])
+    assert square.size == (40, 40)
+    assert square.getpixel((0, 0)) == square.getpixel((39, 39)) == (127, 127, 127)
+    assert square.getpixel((20, 20)) == (255, 0, 0) and square.getpixel((20, 9)) == (127, 127, 127)
+    assert square.getpixel((20, 10)) == (255, 0, 0) and square.getpixel((20, 30)) == (127, 127, 127)
+    assert pad_to_square(square, [0.5] * 3).size == (40, 40)

@@ -1,4 +1,5 @@
-"""The two named chat templates, loaded from the package and installed the way Hermes 2 Pro ships them."""
+"""The chat templates: the two Hermes 2 Pro ships (installed on every prepared tokenizer under their names),
+and Vicuna v1, the one template of a Hermes 2 Vision model."""
 
 from __future__ import annotations
 
@@ -9,13 +10,15 @@ from transformers import PreTrainedTokenizerBase
 from transformers.utils.chat_template_utils import render_jinja_template
 
 TEMPLATE_NAMES = ("default", "tool_use")
+VICUNA_TEMPLATE = "vicuna_v1"
 
 
 @cache
 def template_source(name: str) -> str:
-    """The Jinja source of a named template (``default`` or ``tool_use``)."""
-    if name not in TEMPLATE_NAMES:
-        raise ValueError(f"unknown chat template {name!r}; known: {', '.join(TEMPLATE_NAMES)}")
+    """The Jinja source of a named template (``default``, ``tool_use`` or ``vicuna_v1``)."""
+    known = (*TEMPLATE_NAMES, VICUNA_TEMPLATE)
+    if name not in known:
+        raise ValueError(f"unknown chat template {name!r}; known: {', '.join(known)}")
     return (files("hermes_pipeline.chat_format") / "templates" / f"{name}.jinja").read_text(encoding="utf-8")
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from tokenizers import AddedToken
 from transformers import PreTrainedTokenizerBase
 
-from hermes_pipeline.chat_format.templates import install_templates
+from hermes_pipeline.chat_format.templates import VICUNA_TEMPLATE, install_templates, template_source
 
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
@@ -22,6 +22,8 @@ CHAT_TOKENS = (*CONTROL_TOKENS, *TOOL_TAGS)
 FALLBACK_PAD = "<|pad|>"
 # LLaVA's image placeholder: one special token, which the model replaces by the image's features.
 IMAGE_TOKEN = "<image>"
+# Vicuna v1 (LLaVA's sep2) ends every answer with the base model's EOS written as text, whatever the chat EOS.
+VICUNA_EOS = "</s>"
 
 
 def prepare_tokenizer(
@@ -61,6 +63,16 @@ def add_image_token(tokenizer: PreTrainedTokenizerBase) -> int:
     return tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
 
 
+def use_vicuna_v1(tokenizer: PreTrainedTokenizerBase) -> None:
+    """Make a tokenizer speak Vicuna v1 (Hermes 2 Vision): its template is the one chat template, ``</s>``
+    is EOS so generation stops where answers end, and the pad token is kept off it (LLaVA pads v1 with
+    UNK): masking pad labels would otherwise never train the stop."""
+    tokenizer.chat_template = template_source(VICUNA_TEMPLATE)
+    tokenizer.eos_token = VICUNA_EOS
+    if tokenizer.pad_token in (None, VICUNA_EOS):
+        tokenizer.pad_token = tokenizer.unk_token or _add_fallback_pad(tokenizer)
+
+
 def padded_rows(tokens: int, multiple: int) -> int:
     """Embedding rows for ``tokens`` tokens, rounded up to ``multiple`` (fast matmuls want round shapes):
     the one rule by which tokenizer preparation, training, merging and the tiny models size embeddings."""
@@ -76,6 +88,10 @@ def _choose_pad(tokenizer: PreTrainedTokenizerBase, old_eos: str | None) -> str:
     for candidate in (tokenizer.pad_token, old_eos, tokenizer.unk_token):
         if candidate and candidate != IM_END:
             return candidate
+    return _add_fallback_pad(tokenizer)
+
+
+def _add_fallback_pad(tokenizer: PreTrainedTokenizerBase) -> str:
     tokenizer.add_tokens([_added(FALLBACK_PAD, special=True)], special_tokens=True)
     return FALLBACK_PAD
 
