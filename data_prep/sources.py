@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from jsonschema.exceptions import SchemaError
+from jsonschema.exceptions import SchemaError, ValidationError
 from jsonschema.validators import Draft202012Validator, validator_for
 from PIL import Image
 
@@ -46,6 +46,8 @@ Row = dict[str, Any]
 # ShareGPT speakers (the "from" field) and the canonical roles they become.
 CHAT_SPEAKERS = {"system": "system", "human": "user", "gpt": "assistant"}
 TOOL_SPEAKERS = {**CHAT_SPEAKERS, "tool": "tool"}
+# Hermes 2 Vision's function calling: a user turn opens with this tag and a JSON schema (model card).
+FN_CALL = "<fn_call>"
 RESPONSE_OPEN, RESPONSE_CLOSE = "<tool_response>", "</tool_response>"
 _RESPONSE_BLOCK = re.compile(f"{RESPONSE_OPEN}(.*?){RESPONSE_CLOSE}", re.DOTALL)
 
@@ -121,6 +123,7 @@ def _from_llava(data: dict, row_id: str, source: DataSource) -> Row:
     if data.get("image") is None:
         if tagged:
             raise Reject("<image> tag without an image")
+        _check_fn_calls(messages)
         return row
     first_user = next((index for index, msg in enumerate(messages) if msg["role"] == "user"), None)
     if first_user is None:
@@ -129,6 +132,7 @@ def _from_llava(data: dict, row_id: str, source: DataSource) -> Row:
         raise Reject("misplaced <image> tag")
     text = messages[first_user]["content"].replace(IMAGE_TOKEN, "").strip()
     messages[first_user] = {**messages[first_user], "content": f"{IMAGE_TOKEN}\n{text}"}
+    _check_fn_calls(messages)
     row["images"] = [_checked_image(data["image"], source)]
     return row
 
@@ -355,18 +359,41 @@ def _tools_column(value: Any) -> list[dict]:
     return value
 
 
-def _check_json_schema(text: str) -> None:
-    """The schema column must hold a JSON Schema object, checked against the metaschema it declares."""
+def _check_json_schema(text: str, reason: str = "invalid JSON schema") -> dict[str, Any]:
+    """The text must hold a JSON Schema object, checked against the metaschema it declares."""
     try:
         schema = json.loads(text)
     except (ValueError, RecursionError):
-        raise Reject("invalid JSON schema") from None
+        raise Reject(reason) from None
     if not isinstance(schema, dict) or not isinstance(schema.get("$schema", ""), str):
-        raise Reject("invalid JSON schema")
+        raise Reject(reason)
     try:
         validator_for(schema, default=Draft202012Validator).check_schema(schema)
     except (SchemaError, RecursionError):
-        raise Reject("invalid JSON schema") from None
+        raise Reject(reason) from None
+    return schema
+
+
+def _check_fn_calls(messages: list[dict[str, Any]]) -> None:
+    """Hermes 2 Vision's function calling: a user turn opening with ``<fn_call>`` (after its image) and a
+    JSON schema is answered by a JSON object following that schema. The card's own second example has
+    trailing commas in its schema, which no JSON parser reads: such rows are rejected, not guessed at."""
+    for index, turn in enumerate(messages):
+        text = turn["content"].removeprefix(f"{IMAGE_TOKEN}\n")
+        if turn["role"] != "user" or not text.startswith(FN_CALL):
+            continue
+        schema = _check_json_schema(text.removeprefix(FN_CALL), "<fn_call> schema is not a valid JSON schema")
+        answer = messages[index + 1] if index + 1 < len(messages) else None
+        if answer is None or answer["role"] != "assistant":
+            raise Reject("<fn_call> turn without an answer")
+        try:
+            validator_for(schema, default=Draft202012Validator)(schema).validate(
+                json.loads(answer["content"])
+            )
+        except (ValueError, RecursionError):
+            raise Reject("<fn_call> answer is not JSON") from None
+        except ValidationError:
+            raise Reject("<fn_call> answer does not follow its schema") from None
 
 
 def _parses_as_json(text: str) -> bool:

@@ -889,3 +889,16 @@ def test_fuzzed_rows_are_rejected_or_valid() -> None:
         (check_dpo_row if kind in DPO_SOURCE_KINDS else check_sft_row)(row)
         assert {"id", "source"} <= set(row)
         json.dumps(row, allow_nan=False)
+
+
+def test_fn_call_rows_keep_schema_and_answer_when_the_answer_follows_the_schema() -> None:
+    """Hermes 2 Vision's function calling, in the model card's own examples: `<fn_call>` and a JSON schema
+    open the user turn, the answer is JSON under that schema."""
+    rows = {data["id"]: data for data in json.loads((FIXTURES / "llava_fn_call.json").read_text())}
+    kept = run("llava", rows["fn-call-bus"])
+    assert kept["messages"][0]["content"].startswith("<image>\n<fn_call>{\n  \"type\": \"object\"")
+    assert json.loads(kept["messages"][1]["content"])["bus_location"] == "driving"
+    # the card's second example: its schema has trailing commas, which no JSON parser reads
+    assert reason("llava", rows["fn-call-menu-card-quirk"]) == "<fn_call> schema is not a valid JSON schema"
+    assert reason("llava", rows["fn-call-off-schema"]) == "<fn_call> answer does not follow its schema"
+    assert reason("llava", rows["fn-call-prose"]) == "<fn_call> answer is not JSON"
