@@ -896,7 +896,7 @@ def test_fn_call_rows_keep_schema_and_answer_when_the_answer_follows_the_schema(
     open the user turn, the answer is JSON under that schema."""
     rows = {data["id"]: data for data in json.loads((FIXTURES / "llava_fn_call.json").read_text())}
     kept = run("llava", rows["fn-call-bus"])
-    assert kept["messages"][0]["content"].startswith("<image>\n<fn_call>{\n  \"type\": \"object\"")
+    assert kept["messages"][0]["content"].startswith('<image>\n<fn_call>{\n  "type": "object"')
     assert json.loads(kept["messages"][1]["content"])["bus_location"] == "driving"
     # the card's second example: its schema has trailing commas, which no JSON parser reads
     assert reason("llava", rows["fn-call-menu-card-quirk"]) == "<fn_call> schema is not a valid JSON schema"
