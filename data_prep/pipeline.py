@@ -67,6 +67,9 @@ SCHEMAS = {
     "projector": ("input_ids", "labels"),
     "dpo": ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids"),
 }
+# Stages whose rows may carry images: their shards hold each row's image paths (empty for a text row), so
+# that a Vision stage's collator loads them without parsing the row.
+IMAGE_STAGES = ("sft", "projector")
 
 
 @dataclass
@@ -368,6 +371,7 @@ class Spool:
             "copy": copy,
             "row": json.dumps(outcome.row, ensure_ascii=False),
             **outcome.columns,
+            **({"images": outcome.row.get("images", [])} if stage in IMAGE_STAGES else {}),
             "num_tokens": sum(len(v) for k, v in outcome.columns.items() if k != "labels"),
             SHUFFLE_KEY: seeded_hash(self.seed, "shuffle", source, outcome.row_id, copy),
         }
@@ -485,6 +489,8 @@ def _write_shard(pieces: list[tuple[Path, Piece]], shard: Path, schema: pa.Schem
 def _schema(stage: str) -> pa.Schema:
     fields = [("id", pa.string()), ("source", pa.string()), ("copy", pa.int16()), ("row", pa.string())]
     fields += [(name, TOKENS) for name in SCHEMAS[stage]]
+    if stage in IMAGE_STAGES:
+        fields.append(("images", pa.list_(pa.string())))
     fields.append(("num_tokens", pa.int32()))
     return pa.schema(fields)
 

@@ -18,9 +18,8 @@ from transformers import PreTrainedTokenizerBase
 from hermes_pipeline.chat_format.templates import render
 from hermes_pipeline.chat_format.tokens import IM_END, IM_START, IMAGE_TOKEN, VICUNA_EOS
 from hermes_pipeline.chat_format.tool_calls import ToolCall, render_tool_calls
-from hermes_pipeline.rows import Reject
+from hermes_pipeline.rows import IGNORE_INDEX, Reject
 
-IGNORE_INDEX = -100
 ASSISTANT_OPEN = f"{IM_START}assistant"
 VICUNA_SYSTEM = (
     "A chat between a curious human and an artificial intelligence assistant. "

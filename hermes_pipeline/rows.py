@@ -15,6 +15,8 @@ from typing import Any
 from hermes_pipeline.chat_format.tokens import CONTROL_TOKENS
 
 ROLES = ("system", "user", "assistant", "tool")
+# A label that is not trained: prep writes it, the collators pad with it, the loss skips it.
+IGNORE_INDEX = -100
 # Text that would be read as turn structure if it appeared inside a message.
 FORBIDDEN_IN_CONTENT = CONTROL_TOKENS
 

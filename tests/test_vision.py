@@ -3,11 +3,14 @@ tower -> selected layer -> projector -> the LLM with image features in the image
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
+from prep_support import prep, write_recipe
 from transformers import AutoProcessor, SiglipConfig, SiglipModel, SiglipVisionConfig
 
 from hermes_pipeline.chat_format.templates import VICUNA_TEMPLATE, render, template_source
@@ -16,6 +19,7 @@ from hermes_pipeline.data_prep.tokenize import ImageTokens, render_sft, tokenize
 from hermes_pipeline.errors import UserError
 from hermes_pipeline.recipe.schema import VisionSection
 from hermes_pipeline.tiny import build_tiny_model, load_tiny_tokenizer
+from hermes_pipeline.train.vision_batches import VisionBatches
 from hermes_pipeline.vision import (
     assemble,
     build_processor,
@@ -182,3 +186,55 @@ def test_pad_to_square_centres_the_image_on_the_mean_colour() -> None:
     assert square.getpixel((20, 20)) == (255, 0, 0) and square.getpixel((20, 9)) == (127, 127, 127)
     assert square.getpixel((20, 10)) == (255, 0, 0) and square.getpixel((20, 30)) == (127, 127, 127)
     assert pad_to_square(square, [0.5] * 3).size == (40, 40)
+
+
+def test_vision_batches_carry_preps_rows_and_their_pictures(tiny_llava: tuple, tmp_path: Path) -> None:
+    """Prep's shards hold each row's image paths; the collator pads prep's ids and labels as they are and
+    turns the pictures (padded to a square) into the tower's pixel values, which the model takes."""
+    llava, tokenizer, image_id, _ = tiny_llava
+    data = ROOT / "data" / "tiny-vision"
+    rows = json.loads((data / "instruct.json").read_text(encoding="utf-8"))[:3]
+    rows.append(
+        {
+            "id": "text",
+            "conversations": [
+                {"from": "human", "value": "Name a shape."},
+                {"from": "gpt", "value": "A circle."},
+            ],
+        }
+    )
+    (tmp_path / "instruct.json").write_text(json.dumps(rows), encoding="utf-8")
+    source = {
+        "name": "instruct",
+        "kind": "llava",
+        "path": str(tmp_path / "instruct.json"),
+        "image_root": str(data / "images"),
+    }
+    vision = {"tower_config": str(TINY_SIGLIP), "tower_init": "random", "projector_pretrain": {}}
+    prepared_tokenizer = {
+        "name_or_path": str(ROOT / "hermes_pipeline/assets/tiny_tokenizer"),
+        "template": "vicuna_v1",
+    }
+    out, _ = prep(write_recipe(tmp_path / "run", [source], vision=vision, tokenizer=prepared_tokenizer))
+    shards = sorted((out / "sft").glob("*.parquet"))
+    prepared = [row for shard in shards for row in pq.read_table(shard).to_pylist()]
+    assert len(prepared) == 4 and sum(bool(row["images"]) for row in prepared) == 3
+
+    wide = tmp_path / "wide.png"  # the bundled pictures are square; one that is not shows the padding
+    Image.open(prepared[0]["images"][0]).crop((0, 0, 64, 40)).save(wide)
+    prepared[0]["images"] = [str(wide)]
+    config = llava.config.vision_config
+    processor = image_processor(_section(), config)
+    batch = VisionBatches(tokenizer.pad_token_id, processor, pad_square=True)(prepared)
+    longest = max(len(row["input_ids"]) for row in prepared)
+    for index, row in enumerate(prepared):
+        length = len(row["input_ids"])
+        assert batch["input_ids"][index, :length].tolist() == row["input_ids"]
+        assert batch["labels"][index].tolist() == row["labels"] + [-100] * (longest - length)
+        assert batch["attention_mask"][index].sum() == length
+    pictures = [Image.open(path).convert("RGB") for row in prepared for path in row["images"]]
+    expected = processor([pad_to_square(p, processor.image_mean) for p in pictures], return_tensors="pt")
+    torch.testing.assert_close(batch["pixel_values"], expected["pixel_values"], rtol=0, atol=0)
+    assert (batch["input_ids"] == image_id).sum() == 16 * len(pictures)
+    loss = llava(**batch).loss
+    assert torch.isfinite(loss)
