@@ -434,8 +434,10 @@ def run_parts(work: Path, scale: Scale, on_gpu: bool, record: Record, groups: se
     models, c the peak memory of every run beside plan's estimate."""
     peak = None
     if on_gpu:
-        peak = record.measure("a_sft_attention", "matmul_peak", lambda: {"bf16_tflops": matmul_peak_tflops()})
-        peak = peak.get("bf16_tflops")
+        matmul = record.measure(
+            "a_sft_attention", "matmul_peak", lambda: {"bf16_tflops": matmul_peak_tflops()}
+        )
+        peak = matmul.get("bf16_tflops")
     else:
         record.skip(
             "a_sft_attention", "matmul_peak", "no CUDA: MFU is measured against a GPU's bf16 matmul peak"
@@ -446,23 +448,8 @@ def run_parts(work: Path, scale: Scale, on_gpu: bool, record: Record, groups: se
     tolerance = LOSS_TOLERANCE[recipe().sft.precision]
     check = partial(packed_loss_check, rows=rows[: scale.loss_rows], tolerance=tolerance)
 
-    def sft(attention: str, liger: bool) -> None:
-        name = f"packed {attention}" + (" +liger" if liger else "")
-        reason = attention_paths(on_gpu)[attention] or (liger_blocker(on_gpu) if liger else None)
-        if reason:
-            record.skip("a_sft_attention", name, reason)
-        else:
-            loss_check = None if liger else check
-            run = partial(sft_run, with_attention(recipe(), attention), liger, scale.warmup, peak, loss_check)
-            record.measure("a_sft_attention", name, run)
-        if not liger:
-            plain = record.parts["a_sft_attention"][name]
-            measured = plain["status"] == "measured"
-            loss = {"status": "measured", **plain.pop("packed_loss_check")} if measured else dict(plain)
-            record.put("f_packed_loss", attention, loss)
-
     if "sft" in groups:
-        sft_parts(record, recipe, scale, peak, sft)
+        sft_parts(record, recipe, scale, on_gpu, peak, check)
     if "dpo" in groups:
         for name, precompute in (("reference model", "false"), ("precomputed", "true")):
             dpo = recipe(f"dpo.precompute_ref_log_probs={precompute}")
@@ -487,9 +474,31 @@ def run_parts(work: Path, scale: Scale, on_gpu: bool, record: Record, groups: se
 
 
 def sft_parts(
-    record: Record, recipe: Callable[..., Recipe], scale: Scale, peak: float | None, sft: Callable[..., None]
+    record: Record,
+    recipe: Callable[..., Recipe],
+    scale: Scale,
+    on_gpu: bool,
+    peak: float | None,
+    check: Callable[[Any], dict[str, Any]],
 ) -> None:
-    """a, b and f: packed SFT with each attention path, Liger off and on, and the padded run."""
+    """a, b and f: packed SFT with each attention path, Liger off and on (the packed-loss check on each
+    path's fresh model), and the padded run."""
+
+    def sft(attention: str, liger: bool) -> None:
+        name = f"packed {attention}" + (" +liger" if liger else "")
+        reason = attention_paths(on_gpu)[attention] or (liger_blocker(on_gpu) if liger else None)
+        if reason:
+            record.skip("a_sft_attention", name, reason)
+        else:
+            loss_check = None if liger else check
+            run = partial(sft_run, with_attention(recipe(), attention), liger, scale.warmup, peak, loss_check)
+            record.measure("a_sft_attention", name, run)
+        if not liger:
+            plain = record.parts["a_sft_attention"][name]
+            measured = plain["status"] == "measured"
+            loss = {"status": "measured", **plain.pop("packed_loss_check")} if measured else dict(plain)
+            record.put("f_packed_loss", attention, loss)
+
     sft("sdpa", liger=False)
     packed = record.parts["a_sft_attention"]["packed sdpa"]
     keep = ("status", "reason", "real_tokens_per_s", "padding_fraction")

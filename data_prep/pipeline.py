@@ -52,7 +52,6 @@ from hermes_pipeline.rundir import (
     write_resolved_recipe,
 )
 from hermes_pipeline.stages import run_stage
-from hermes_pipeline.vision import image_token_count, tower_config
 
 BATCH_ROWS = 256
 ROWS_PER_SHARD = 20_000  # ~100-200 MB of tokens: the most rows the final pass holds at once (Spool)
@@ -123,6 +122,9 @@ def image_tokens(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> ImageTok
     """A vision recipe's image placeholder and the tokens an image fills (none for a text recipe)."""
     if recipe.vision is None:
         return None
+    # Imported here: LLaVA's and SigLIP's modules take seconds to import, which only a Vision recipe needs.
+    from hermes_pipeline.vision import image_token_count, tower_config
+
     return ImageTokens(
         tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), image_token_count(tower_config(recipe.vision))
     )
