@@ -366,7 +366,7 @@ def sft_run(
         training_args(recipe, "sft"), save_strategy="no", disable_tqdm=True, use_liger_kernel=liger
     )
     stage_dir(recipe, "sft").mkdir(parents=True, exist_ok=True)  # for the metrics log
-    trainer, _ = build_trainer(recipe, "sft", args, starting_point(recipe, recipe.sft))
+    trainer, _ = build_trainer(recipe, "sft", args, starting_point(recipe, "sft"))
     record: dict[str, Any] = {"packed_loss_check": check(trainer)} if check else {}
     mfu_peak = peak_tflops if recipe.sft.mode == "full" else None  # adapters: 6N does not hold
     return record | train_timed(trainer, warmup, mfu_peak) | {"plan_gib": plan_gib(recipe, "sft")}
@@ -376,7 +376,7 @@ def dpo_run(recipe: Recipe, warmup: int) -> dict[str, Any]:
     args = replace(training_args(recipe, "dpo"), save_strategy="no", disable_tqdm=True)
     stage_dir(recipe, "dpo").mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    trainer, _ = build_trainer(recipe, "dpo", args, starting_point(recipe, recipe.dpo))
+    trainer, _ = build_trainer(recipe, "dpo", args, starting_point(recipe, "dpo"))
     build_seconds = time.perf_counter() - started
     pairs = recipe.dpo.micro_batch_size
     timed = train_timed(trainer, warmup, None)

@@ -20,7 +20,7 @@ from jsonschema.exceptions import SchemaError, ValidationError
 from jsonschema.validators import Draft202012Validator, validator_for
 from PIL import Image
 
-from hermes_pipeline.chat_format.tokens import IMAGE_TOKEN
+from hermes_pipeline.chat_format.tokens import FN_CALL, IMAGE_TOKEN
 from hermes_pipeline.chat_format.tool_calls import (
     TOOLS_OPEN,
     ToolCall,
@@ -46,8 +46,6 @@ Row = dict[str, Any]
 # ShareGPT speakers (the "from" field) and the canonical roles they become.
 CHAT_SPEAKERS = {"system": "system", "human": "user", "gpt": "assistant"}
 TOOL_SPEAKERS = {**CHAT_SPEAKERS, "tool": "tool"}
-# Hermes 2 Vision's function calling: a user turn opens with this tag and a JSON schema (model card).
-FN_CALL = "<fn_call>"
 RESPONSE_OPEN, RESPONSE_CLOSE = "<tool_response>", "</tool_response>"
 _RESPONSE_BLOCK = re.compile(f"{RESPONSE_OPEN}(.*?){RESPONSE_CLOSE}", re.DOTALL)
 

@@ -93,6 +93,8 @@ def run_eval_stage(
 def _set_inputs(recipe: Recipe) -> dict[str, str]:
     """Local eval files by content, Hub sets by name: editing a local set re-runs the eval."""
     sets = [*recipe.eval.function_calling_sets, recipe.eval.json_mode_set]
+    if recipe.eval.vision_function_calling_set is not None:
+        sets.append(recipe.eval.vision_function_calling_set)
     return {f"set:{ref}": file_fingerprint(ref) if Path(ref).is_file() else ref for ref in sets}
 
 
@@ -116,6 +118,8 @@ def _run_suites(recipe: Recipe, after: str, out: Path, log: Callable[[str], Any]
         if "json_mode" in generated:
             result = evaluate(backend, "json_mode", ev.json_mode_set, out / "json_mode", ev.limit)
             summary["json_mode"] = _pooled([result["strict"]])
+    if "vision_function_calling" in ev.suites:
+        summary["vision_function_calling"] = _vision_function_calling(recipe, after, out)
     if harness and after == "export":
         log(f"eval after export: lm-eval suites ({', '.join(harness)}) run on transformers models; skipped")
     elif harness:
@@ -127,6 +131,52 @@ def _run_suites(recipe: Recipe, after: str, out: Path, log: Callable[[str], Any]
             (out / name / RESULTS_FILE).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
             summary[name] = {"accuracy": result["score"], "ci95": result["ci95"], "n": result["n"]}
     return summary
+
+
+def _vision_function_calling(recipe: Recipe, after: str, out: Path) -> dict[str, Any]:
+    """Hermes 2 Vision's <fn_call> on the LLaVA model ``after`` left behind, read through its processor."""
+    from hermes_pipeline.evals.vision import LlavaGenerator, evaluate_fn_call
+
+    ev, vision = recipe.eval, recipe.vision
+    assert ev.vision_function_calling_set and ev.vision_image_root and vision, "validate checks these"
+    model, processor = _llava(recipe, after)
+    sampling = Sampling(ev.temperature, recipe.seed, ev.max_new_tokens, ev.batch_size)
+    generator = LlavaGenerator(model, processor, sampling, vision.image_aspect_ratio == "pad")
+    result = evaluate_fn_call(
+        generator,
+        ev.vision_function_calling_set,
+        Path(ev.vision_image_root),
+        out / "vision_function_calling",
+        ev.limit,
+    )
+    return {**_pooled([result["strict"]]), "fields": result["fields"]}
+
+
+def _llava(recipe: Recipe, after: str) -> tuple[Any, Any]:
+    """The LLaVA model and its processor: the packaged ones as users load them after package; before, the
+    stage's model with the processor built from prep's tokenizer and the tower's image processor."""
+    import torch
+    from transformers import AutoProcessor, AutoTokenizer, LlavaForConditionalGeneration
+
+    from hermes_pipeline.vision import build_processor, image_processor, start_llava, tower_config
+
+    assert recipe.vision is not None
+    if after == "package":
+        folder = run_dir(recipe) / MODEL_FOLDERS["package"]
+        processor = AutoProcessor.from_pretrained(folder)
+        model = LlavaForConditionalGeneration.from_pretrained(folder)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(stage_dir(recipe, "prep") / "tokenizer")
+        config = tower_config(recipe.vision)
+        processor = build_processor(tokenizer, image_processor(recipe.vision, config), config)
+        if after == "base":
+            source = recipe.model.name_or_path if recipe.model.init == "pretrained" else None
+            model = start_llava(recipe, tokenizer, source)
+        else:
+            model = load_trained(
+                recipe, SftStage(mode="full"), run_dir(recipe) / MODEL_FOLDERS[after], tokenizer
+            )
+    return model.to("cuda" if torch.cuda.is_available() else "cpu"), processor
 
 
 def _folder_name(ref: str) -> str:

@@ -79,9 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser(
         "train",
-        help="run a training stage (sft or dpo) on prep's shards; resumes from the newest complete checkpoint",
+        help="run a training stage (Vision's projector, sft or dpo) on prep's shards; resumes from the newest "
+        "complete checkpoint",
     )
-    train.add_argument("stage", choices=["sft", "dpo"])
+    train.add_argument("stage", choices=["projector", "sft", "dpo"])
     _add_recipe_arguments(train)
     train.add_argument("--force", action="store_true", help="discard checkpoints and outputs; start over")
     train.set_defaults(handler=_train)
@@ -149,12 +150,13 @@ def _prep(args: argparse.Namespace) -> None:
 def _train(args: argparse.Namespace) -> None:
     recipe = _recipe(args)
     from hermes_pipeline.locks import stage_lock
+    from hermes_pipeline.recipe.checks import settings_key, stage_settings
     from hermes_pipeline.rundir import stage_dir
     from hermes_pipeline.train.launch import configure_devices, relaunch_command
     from hermes_pipeline.train.stage import check_ready, run_train
 
-    stage = getattr(recipe, args.stage)
-    configure_devices(stage.resources, args.stage)
+    stage = stage_settings(recipe, args.stage)
+    configure_devices(stage.resources, settings_key(args.stage))
     check_ready(recipe, args.stage)
     command = relaunch_command(stage.resources, sys.argv[1:])
     if command is not None:

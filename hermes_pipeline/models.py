@@ -14,10 +14,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
-from hermes_pipeline.chat_format.tokens import IM_END, padded_rows
+from hermes_pipeline.chat_format.tokens import IM_END, VICUNA_EOS, padded_rows
 from hermes_pipeline.errors import UserError
 from hermes_pipeline.model_info import load_model_config
 from hermes_pipeline.recipe.schema import Recipe, TrainStage
@@ -51,7 +56,7 @@ def load_model(
         with whole_weights() if not torch.cuda.is_available() else nullcontext():
             model = _from_pretrained(source, _load_kwargs(recipe, stage, source))
     fit_embeddings(model, tokenizer, recipe.tokenizer.pad_embeddings_to_multiple_of)
-    set_stop_tokens(model, tokenizer)
+    set_stop_tokens(model, tokenizer, stop_token(recipe))
     return model
 
 
@@ -95,9 +100,16 @@ def _load_kwargs(recipe: Recipe, stage: TrainStage, source: str) -> dict[str, An
     return kwargs
 
 
+def is_llava(folder: str | Path) -> bool:
+    """Whether a local model folder holds a LLaVA model (a Vision stage's output) rather than a causal LM."""
+    config = Path(folder) / "config.json"
+    return config.is_file() and json.loads(config.read_text(encoding="utf-8")).get("model_type") == "llava"
+
+
 def _from_pretrained(source: str, kwargs: dict[str, Any]) -> PreTrainedModel:
+    model_class = AutoModelForImageTextToText if is_llava(source) else AutoModelForCausalLM
     try:
-        return AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        return model_class.from_pretrained(source, **kwargs)
     except OSError as exc:
         raise UserError(f"model {source}: cannot load ({str(exc).splitlines()[0]})") from None
 
@@ -168,12 +180,16 @@ def _gathered(weight: torch.nn.Parameter) -> Any:
     return deepspeed.zero.GatheredParameters([weight], modifier_rank=0)
 
 
-def set_stop_tokens(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
-    """EOS is ``<|im_end|>`` everywhere a generator looks, and pad is the tokenizer's (never EOS)."""
-    if tokenizer.eos_token != IM_END:
-        raise UserError(
-            f"tokenizer EOS is {tokenizer.eos_token!r}, not {IM_END}; set tokenizer.add_chat_tokens"
-        )
+def stop_token(recipe: Recipe) -> str:
+    """Where the recipe's answers end: ``<|im_end|>`` in ChatML, ``</s>`` in Vicuna v1 (Hermes 2 Vision)."""
+    return VICUNA_EOS if recipe.tokenizer.template == "vicuna_v1" else IM_END
+
+
+def set_stop_tokens(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, eos: str = IM_END) -> None:
+    """EOS is ``eos`` everywhere a generator looks, and pad is the tokenizer's (never EOS)."""
+    if tokenizer.eos_token != eos:
+        hint = "set tokenizer.add_chat_tokens" if eos == IM_END else "set tokenizer.template: vicuna_v1"
+        raise UserError(f"tokenizer EOS is {tokenizer.eos_token!r}, not {eos}; {hint}")
     for config in (model.config, model.generation_config):
         config.eos_token_id = tokenizer.eos_token_id
         config.pad_token_id = tokenizer.pad_token_id

@@ -5,9 +5,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from hermes_pipeline.memory import GIB, MemoryEstimate, TrainShape, ZeroSettings, estimate_memory
+from hermes_pipeline.memory import (
+    GIB,
+    MemoryEstimate,
+    TrainShape,
+    ZeroSettings,
+    estimate_memory,
+    vision_states,
+)
 from hermes_pipeline.model_info import count_parameters, load_model_config
-from hermes_pipeline.recipe.checks import training_stages, zero_settings
+from hermes_pipeline.recipe.checks import stage_settings, training_stages, zero_settings
 from hermes_pipeline.recipe.loader import recipe_hash
 from hermes_pipeline.recipe.schema import LoraSection, Optimization, Recipe, Resources, TrainStage
 from hermes_pipeline.stages import STAGE_KINDS, recipe_stages
@@ -64,8 +71,8 @@ def build_plan(recipe: Recipe) -> Plan:
             plan.stages.append(_prep(recipe))
         elif stage.kind == "merge":
             plan.stages.append(_model_merge(recipe))
-        elif stage.kind in trainers:
-            plan.stages.append(_training(recipe, stage.kind, trainers[stage.kind], config))
+        elif stage.kind in ("projector", "sft", "dpo"):
+            plan.stages.append(_training(recipe, stage.kind, stage_settings(recipe, stage.kind), config))
         elif stage.kind == "package":
             adapters = [name for name, s in trainers.items() if s.mode != "full"]
             folded = (
@@ -129,15 +136,16 @@ def _training(recipe: Recipe, name: str, stage: Optimization, config: Any) -> St
         pairs=is_dpo,
     )
     global_batch = stage.micro_batch_size * stage.gradient_accumulation_steps * world
+    tower, projector = _vision_parameters(recipe, config)
     training = TrainingPlan(
         micro_batch_size=stage.micro_batch_size,
         gradient_accumulation_steps=stage.gradient_accumulation_steps,
         world_size=world,
         global_batch=global_batch,
         tokens_per_step=global_batch * seq_len * (2 if is_dpo else 1),
-        trainable_parameters=counts.total if mode == "full" else counts.lora,
+        trainable_parameters=(counts.total if mode == "full" else counts.lora) + projector,
         zero_stage=zero.stage,
-        memory=estimate_memory(config, counts, shape),
+        memory=estimate_memory(config, counts, shape, vision_states(tower, projector, shape)),
         gpu_memory_gib=res.gpu_memory_gib,
         on_gpu=shape.on_gpu,
     )
@@ -148,6 +156,15 @@ def _training(recipe: Recipe, name: str, stage: Optimization, config: Any) -> St
     )
     summary = f"{origin}, {stage.precision}, lr {stage.learning_rate:g} {stage.lr_scheduler}, {stage.num_epochs:g} epoch(s)"
     return StagePlan(name, summary, res, training)
+
+
+def _vision_parameters(recipe: Recipe, config: Any) -> tuple[int, int]:
+    """A Vision model's tower and projector parameters; none for a text model."""
+    if recipe.vision is None:
+        return 0, 0
+    from hermes_pipeline.vision import vision_parameters
+
+    return vision_parameters(recipe.vision, config.hidden_size)
 
 
 def format_plan(plan: Plan) -> str:

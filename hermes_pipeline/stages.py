@@ -79,10 +79,17 @@ STAGE_KINDS: dict[str, StageKind] = {
             "the mergekit merge of merge.models, with the Hermes tokenizer and templates",
         ),
         StageKind(
+            "projector",
+            "projector",
+            ("seed", "vision", "model", "tokenizer.pad_embeddings_to_multiple_of", "data.max_seq_len"),
+            "the Vision projector trained alone on captions (tower and LLM frozen), checkpoints, metrics",
+        ),
+        StageKind(
             "sft",
             "sft",
-            ("seed", "sft", "model", "tokenizer.pad_embeddings_to_multiple_of", "data.max_seq_len"),
-            "the supervised fine-tuned model (or LoRA adapter), checkpoints, metrics and curves",
+            ("seed", "sft", "vision", "model", "tokenizer.pad_embeddings_to_multiple_of", "data.max_seq_len"),
+            "the supervised fine-tuned model (a LoRA adapter, or a LLaVA model for Vision), checkpoints, "
+            "metrics and curves",
         ),
         StageKind(
             "dpo",
@@ -105,8 +112,11 @@ STAGE_KINDS: dict[str, StageKind] = {
                 "dpo.enabled",
                 "dpo.mode",
                 "tokenizer.pad_embeddings_to_multiple_of",
+                "tokenizer.template",
+                "vision",
             ),
-            "the downloadable model: safetensors shards, EOS <|im_end|>, both chat templates",
+            "the downloadable model: safetensors shards, EOS <|im_end|> and both chat templates "
+            "(Vision: a LLaVA folder with its processor, Vicuna v1, EOS </s>)",
         ),
         StageKind(
             "export",
@@ -126,6 +136,9 @@ STAGE_KINDS: dict[str, StageKind] = {
                 "eval.endpoint",
                 "eval.function_calling_sets",
                 "eval.json_mode_set",
+                "eval.vision_function_calling_set",
+                "eval.vision_image_root",
+                "vision",
                 "eval.temperature",
                 "eval.max_new_tokens",
                 "eval.batch_size",
@@ -206,8 +219,13 @@ def recipe_stages(
     merged = recipe.merge.enabled and recipe.merge.models is not None
     if merged:
         stages.append(stage("merge", "merge", ("merge", "models"), recipe.merge.resources))
+    if recipe.vision is not None:
+        pretrain = recipe.vision.projector_pretrain
+        stages.append(stage("projector", "projector", ("train", "projector"), pretrain.resources, ("prep",)))
     for name, train in training_stages(recipe).items():
         start = (train.init_from,) if train.init_from in ("sft", "merge") else ()
+        if recipe.vision is not None:
+            start = ("projector",)  # visual instruction tuning starts from the pre-trained projector
         stages.append(stage(name, name, ("train", name), train.resources, ("prep", *start)))
     producers = [s.name for s in stages if s.kind in ("merge", "sft", "dpo")]
     if recipe.merge.enabled:

@@ -34,7 +34,8 @@ from hermes_pipeline.chat_format.templates import VICUNA_TEMPLATE, template_sour
 from hermes_pipeline.chat_format.tokens import IMAGE_TOKEN
 from hermes_pipeline.errors import UserError
 from hermes_pipeline.model_info import config_from_file
-from hermes_pipeline.recipe.schema import VisionSection
+from hermes_pipeline.models import load_model
+from hermes_pipeline.recipe.schema import Recipe, VisionSection
 
 # LLaVA-1.5's projector, the one transformers' LLaVA class builds.
 PROJECTOR_ACT = {"mlp2x_gelu": "gelu"}
@@ -63,6 +64,16 @@ def tower_config(vision: VisionSection) -> PretrainedConfig:
 def image_token_count(config: PretrainedConfig) -> int:
     """Image tokens one image takes in the language model's sequence: one per patch (strategy full)."""
     return (config.image_size // config.patch_size) ** 2
+
+
+def vision_parameters(vision: VisionSection, text_hidden_size: int) -> tuple[int, int]:
+    """The tower's and the projector's parameter counts, from configs alone (the tower built on the meta
+    device): what ``plan`` adds to a Vision stage's memory."""
+    config = tower_config(vision)
+    with torch.device("meta"):
+        tower = AutoModel.from_config(config)
+    projector = (config.hidden_size + 1) * text_hidden_size + (text_hidden_size + 1) * text_hidden_size
+    return sum(p.numel() for p in tower.parameters()), projector
 
 
 def load_tower(vision: VisionSection, dtype: torch.dtype, seed: int) -> PreTrainedModel:
@@ -118,6 +129,25 @@ def assemble(
     llava.model.multi_modal_projector = projector.to(language_model.dtype)
     llava.generation_config = language_model.generation_config
     return llava
+
+
+def start_llava(
+    recipe: Recipe, tokenizer: PreTrainedTokenizerBase, source: str | None
+) -> LlavaForConditionalGeneration:
+    """Where a Vision recipe starts (the projector stage, and the eval's "base"): the language model loaded as
+    every stage loads it (embeddings grown for the tokenizer, EOS ``</s>``), its frozen tower, a new projector."""
+    assert recipe.vision is not None
+    language_model = load_model(recipe, recipe.sft, tokenizer, source)
+    tower = load_tower(recipe.vision, language_model.dtype, recipe.seed)
+    image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    return assemble(language_model, tower, recipe.vision, image_id, recipe.seed)
+
+
+def train_parts(llava: LlavaForConditionalGeneration, projector_only: bool) -> None:
+    """LLaVA's trainable parts: the projector alone in stage 1, projector and LLM in stage 2; never the tower."""
+    llava.requires_grad_(not projector_only)
+    llava.model.vision_tower.requires_grad_(False)
+    llava.model.multi_modal_projector.requires_grad_(True)
 
 
 def image_processor(vision: VisionSection, config: PretrainedConfig) -> BaseImageProcessor:

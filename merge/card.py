@@ -20,9 +20,10 @@ from typing import Any
 import yaml
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from hermes_pipeline.chat_format.tokens import FN_CALL, IMAGE_TOKEN
 from hermes_pipeline.errors import UserError
 from hermes_pipeline.merge.probes import CONVERSATIONS
-from hermes_pipeline.recipe.checks import training_stages
+from hermes_pipeline.recipe.checks import optimization_stages, training_stages
 from hermes_pipeline.recipe.schema import HUB_ID, Recipe
 from hermes_pipeline.rundir import MANIFEST, file_fingerprint, run_dir, stage_dir
 from hermes_pipeline.stages import recipe_stages, run_stage, without_resources
@@ -83,7 +84,7 @@ def write_card(recipe: Recipe, folder: Path, tokenizer: PreTrainedTokenizerBase)
         _hyperparameters(recipe),
         _curves(recipe, folder),
         _evals(recipe),
-        _prompt_formats(tokenizer),
+        _vision_prompt_format(recipe, tokenizer) if recipe.vision else _prompt_formats(tokenizer),
         _recipe_text(recipe),
     ]
     text = "\n\n".join(section for section in sections if section) + "\n"
@@ -104,8 +105,13 @@ def _front_matter(recipe: Recipe) -> str:
     meta["license"] = recipe.package.license
     meta["language"] = ["en"]
     meta["library_name"] = "transformers"
-    meta["pipeline_tag"] = "text-generation"
-    tags = ["hermes-pipeline", "chatml", "function calling", "json mode"]
+    meta["pipeline_tag"] = "image-text-to-text" if recipe.vision else "text-generation"
+    tags = ["hermes-pipeline"]
+    tags += (
+        ["llava", "vicuna v1", "function calling"]
+        if recipe.vision
+        else ["chatml", "function calling", "json mode"]
+    )
     tags += [name for name in training_stages(recipe)] + (
         ["merge", "mergekit"] if recipe.merge.models else []
     )
@@ -158,7 +164,7 @@ HYPERPARAMETERS = (
 
 
 def _hyperparameters(recipe: Recipe) -> str:
-    stages = training_stages(recipe)
+    stages = optimization_stages(recipe)
     if not stages:
         return ""
     dumped = {name: stage.model_dump(mode="json") for name, stage in stages.items()}
@@ -181,7 +187,7 @@ def _hyperparameters(recipe: Recipe) -> str:
 
 def _curves(recipe: Recipe, folder: Path) -> str:
     images = []
-    for name in training_stages(recipe):
+    for name in optimization_stages(recipe):
         for plot in sorted((stage_dir(recipe, name) / "plots").glob("*.png")):
             target = folder / CURVES / f"{name}_{plot.name}"
             target.parent.mkdir(exist_ok=True)
@@ -242,6 +248,65 @@ def _prompt_formats(tokenizer: PreTrainedTokenizerBase) -> str:
         render(json_mode[0], tokenize=False, add_generation_prompt=True),
         "```",
     ]
+    return "\n".join(parts)
+
+
+# Hermes 2 Vision's function calling, as its card shows it: <fn_call> and a JSON schema after the image.
+FN_CALL_EXAMPLE = {
+    "type": "object",
+    "properties": {
+        "shape": {"type": "string", "enum": ["circle", "square", "triangle"]},
+        "count": {"type": "integer"},
+    },
+    "required": ["shape", "count"],
+}
+
+
+def _vision_prompt_format(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> str:
+    """A Vision model's prompts, rendered by the packaged tokenizer's own Vicuna v1 template."""
+    render = tokenizer.apply_chat_template
+    ask = [{"role": "user", "content": f"{IMAGE_TOKEN}\nWhat is in the picture?"}]
+    call = [{"role": "user", "content": f"{IMAGE_TOKEN}\n{FN_CALL}{json.dumps(FN_CALL_EXAMPLE, indent=2)}"}]
+    parts = [
+        "## Prompt format",
+        "",
+        "Vicuna v1, as LLaVA writes it (`conv_llava_v1`); generation stops at `</s>` (the EOS in config.json, "
+        "generation_config.json and the tokenizer). `<image>` marks where the picture goes: the processor "
+        "writes it as one token per patch of the vision tower.",
+        "",
+        "```",
+        render(ask, tokenize=False, add_generation_prompt=True),
+        "```",
+        "",
+        "### Function calling",
+        "",
+        "The user turn opens with `<fn_call>` and a JSON schema; the answer is a JSON object under it:",
+        "",
+        "```",
+        render(call, tokenize=False, add_generation_prompt=True),
+        "```",
+        "",
+        "### transformers",
+        "",
+        "```python",
+        "from PIL import Image",
+        "from transformers import AutoProcessor, LlavaForConditionalGeneration",
+        "",
+        'processor = AutoProcessor.from_pretrained("MODEL")',
+        'model = LlavaForConditionalGeneration.from_pretrained("MODEL")',
+        'messages = [{"role": "user", "content": "<image>\\nWhat is in the picture?"}]',
+        "text = processor.apply_chat_template(messages, add_generation_prompt=True)",
+        'inputs = processor(images=[Image.open("picture.png")], text=[text], add_special_tokens=False, '
+        'return_tensors="pt")',
+        "answer = model.generate(**inputs, max_new_tokens=256)",
+        "print(processor.decode(answer[0, inputs.input_ids.shape[1]:], skip_special_tokens=True))",
+        "```",
+    ]
+    if recipe.vision and recipe.vision.image_aspect_ratio == "pad":
+        parts += [
+            "",
+            "Trained on pictures padded to a square with the processor's mean colour; pad yours the same way.",
+        ]
     return "\n".join(parts)
 
 

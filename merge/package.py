@@ -23,7 +23,7 @@ from transformers import (
 )
 
 from hermes_pipeline.chat_format.templates import TEMPLATE_NAMES, hermes_templates
-from hermes_pipeline.chat_format.tokens import IM_END, save_tokenizer
+from hermes_pipeline.chat_format.tokens import IM_END, VICUNA_EOS, save_tokenizer
 from hermes_pipeline.disk import check_free_space
 from hermes_pipeline.errors import UserError
 from hermes_pipeline.merge.card import PUBLISHED
@@ -68,30 +68,59 @@ def run_package(recipe: Recipe, force: bool = False, log: Callable[[str], None] 
     adapter = is_adapter(source)
     base, chain = adapter_chain(source) if adapter else (None, [])
     shard_bytes = parse_size(recipe.package.max_shard_size)
-    multiple = recipe.tokenizer.pad_embeddings_to_multiple_of
 
     def package(partial: Path) -> dict[str, Any]:
         check_free_space(out.parent, int(1.1 * (merged_size(base) if base else model_bytes(source))))
-        if base is not None:
-            log(f"package: merging {len(chain)} adapter(s) into {base}, shard by shard")
-            merge_adapters(base, chain, partial, shard_bytes, multiple, dequantize_base(recipe))
+        if recipe.vision is not None:
+            difference = _package_llava(recipe, source, partial, shard_bytes)
         else:
-            write_shards(iter_tensors(source), partial, shard_bytes)
-            shutil.copyfile(source / "config.json", partial / "config.json")
-        tokenizer = AutoTokenizer.from_pretrained(source)
-        save_tokenizer(tokenizer, partial)
-        write_generation_settings(partial, tokenizer, recipe.package)
-        if base is not None:
-            difference = verify_merge(base, chain, partial, multiple, dequantize_base(recipe))
-        else:
-            difference = verify_same_model(source, partial)
-        check_packaged(partial)
+            difference = _package_text(recipe, source, partial, shard_bytes, base, chain, log)
         log(f"package: {out} (logits within {difference:.2g} of {source})")
         return {"source": str(source), "logits_max_abs_diff": difference}
 
     inputs = {"model": file_fingerprint(upstream)}
     run_stage(recipe, "package", out, inputs, package, force, log, skip=PUBLISHED)  # PUBLISHED: the card's
     return out
+
+
+def _package_text(
+    recipe: Recipe,
+    source: Path,
+    folder: Path,
+    shard_bytes: int,
+    base: str | None,
+    chain: list[Path],
+    log: Callable[[str], None],
+) -> float:
+    """A text model (adapters merged into their base first), with EOS <|im_end|> and both templates."""
+    multiple = recipe.tokenizer.pad_embeddings_to_multiple_of
+    if base is not None:
+        log(f"package: merging {len(chain)} adapter(s) into {base}, shard by shard")
+        merge_adapters(base, chain, folder, shard_bytes, multiple, dequantize_base(recipe))
+    else:
+        write_shards(iter_tensors(source), folder, shard_bytes)
+        shutil.copyfile(source / "config.json", folder / "config.json")
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    save_tokenizer(tokenizer, folder)
+    write_generation_settings(folder, tokenizer, recipe.package)
+    if base is not None:
+        difference = verify_merge(base, chain, folder, multiple, dequantize_base(recipe))
+    else:
+        difference = verify_same_model(source, folder)
+    check_packaged(folder)
+    return difference
+
+
+def _package_llava(recipe: Recipe, source: Path, folder: Path, shard_bytes: int) -> float:
+    """A Vision model: the LLaVA folder with its processor, checked as AutoProcessor users load it."""
+    from hermes_pipeline.merge.llava import check_llava, verify_same_llava, write_llava
+
+    write_llava(recipe, source, folder, shard_bytes)
+    write_generation_settings(folder, AutoTokenizer.from_pretrained(folder), recipe.package)
+    difference = verify_same_llava(source, folder)
+    check_stops(folder, VICUNA_EOS)
+    check_llava(folder)
+    return difference
 
 
 def write_generation_settings(
@@ -127,8 +156,21 @@ def verify_same_model(source: Path, packaged: Path) -> float:
 
 def check_packaged(folder: Path) -> None:
     """What a downloader's generation depends on: every EOS is <|im_end|>, and both templates are there."""
+    tokenizer = check_stops(folder, IM_END)
+    templates = tokenizer.chat_template if isinstance(tokenizer.chat_template, dict) else {}
+    expected = hermes_templates()
+    for name in TEMPLATE_NAMES:
+        if templates.get(name) != expected[name]:
+            raise UserError(
+                f"{folder}: the tokenizer's {name!r} chat template is missing or not the Hermes one"
+            )
+
+
+def check_stops(folder: Path, eos: str) -> PreTrainedTokenizerBase:
+    """Every place generation reads its stop from (tokenizer, config, generation config) says ``eos``;
+    returns the packaged tokenizer."""
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    end = tokenizer.convert_tokens_to_ids(IM_END)
+    end = tokenizer.convert_tokens_to_ids(eos)
     config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     generation = json.loads((folder / "generation_config.json").read_text(encoding="utf-8"))
     places = {
@@ -138,11 +180,5 @@ def check_packaged(folder: Path) -> None:
     }
     for place, value in places.items():
         if value != end and value != [end]:
-            raise UserError(f"{folder}: {place} is {value}, not {IM_END} ({end}); generation would not stop")
-    templates = tokenizer.chat_template if isinstance(tokenizer.chat_template, dict) else {}
-    expected = hermes_templates()
-    for name in TEMPLATE_NAMES:
-        if templates.get(name) != expected[name]:
-            raise UserError(
-                f"{folder}: the tokenizer's {name!r} chat template is missing or not the Hermes one"
-            )
+            raise UserError(f"{folder}: {place} is {value}, not {eos} ({end}); generation would not stop")
+    return tokenizer

@@ -27,7 +27,7 @@ if TYPE_CHECKING:  # `slurm status` imports this module and needs no recipe mach
     from hermes_pipeline.slurm.site import SiteConfig
     from hermes_pipeline.stages import Stage
 
-TRAINING_KINDS = ("sft", "dpo")
+TRAINING_KINDS = ("projector", "sft", "dpo")
 # torchrun handles these by passing them on to its workers, which checkpoint on USR1 and TERM; unhandled,
 # USR1 would kill torchrun and leave the workers to be killed mid-save.
 TORCHRUN_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"

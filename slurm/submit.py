@@ -25,7 +25,7 @@ from pathlib import Path
 
 from hermes_pipeline.axolotl_env import ENV_VARIABLE, env_dir, is_ready
 from hermes_pipeline.errors import UserError
-from hermes_pipeline.recipe.checks import training_stages
+from hermes_pipeline.recipe.checks import optimization_stages, settings_key
 from hermes_pipeline.recipe.loader import load_recipe, recipe_hash
 from hermes_pipeline.recipe.schema import SLURM_TIME, Recipe
 from hermes_pipeline.rundir import MANIFEST, run_dir
@@ -148,10 +148,10 @@ def _with_resource_overrides(request: SubmitRequest) -> tuple[str, ...]:
     overrides = tuple(request.overrides)
     if request.nodes is None and request.gpus_per_node is None:
         return overrides
-    names = training_stages(load_recipe(request.recipe, list(overrides)))
+    names = optimization_stages(load_recipe(request.recipe, list(overrides)))
     if not names:
         raise UserError("--nodes and --gpus-per-node size the training stages, and this recipe has none")
-    for name in names:
+    for name in map(settings_key, names):
         if request.nodes is not None:
             overrides += (f"{name}.resources.nodes={request.nodes}",)
         if request.gpus_per_node is not None:

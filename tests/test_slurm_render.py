@@ -170,7 +170,10 @@ def test_site_config_mistakes_are_one_line_each(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("arguments", "message"),
     [
-        (["--stages", "prep,fine-tune"], "--stages: unknown stage fine-tune; choose from prep, merge, sft,"),
+        (
+            ["--stages", "prep,fine-tune"],
+            "--stages: unknown stage fine-tune; choose from prep, merge, projector, sft,",
+        ),
         (["--stages", "dpo"], "--stages: this recipe has no dpo stage (disabled or not configured)"),
         (["--time", "two days"], "--time two days: expected [D-]HH:MM:SS"),
     ],

@@ -44,3 +44,14 @@ def test_disabled_stages_and_evals_drop_out() -> None:
     path = str(RECIPES / "tiny.yaml")
     recipe = load_recipe(path, ["export.enabled=false", "eval.enabled=false", "dpo.enabled=false"])
     assert [s.name for s in recipe_stages(recipe, path)] == ["prep", "sft", "package", "card"]
+
+
+def test_vision_pretrains_the_projector_then_tunes_projector_and_llm_from_it() -> None:
+    path = str(RECIPES / "tiny-vision.yaml")
+    stages = {s.name: s for s in recipe_stages(load_recipe(path), path)}
+    assert list(stages) == ["prep", "eval_base", "projector", "sft", "eval_sft", "package", "card"]
+    assert stages["projector"].command[:2] == ("train", "projector") and stages["projector"].needs == (
+        "prep",
+    )
+    assert stages["sft"].needs == ("prep", "projector")
+    assert stages["projector"].resources.processes_per_node == 1  # vision.projector_pretrain.resources

@@ -139,7 +139,9 @@ class HermesPlugin(BasePlugin):
         eval_metrics = trainer.evaluate() if trainer.eval_dataset is not None else {}
         folder = work_folder(cfg)
         probe = torch.tensor(json.loads((folder / PROBE).read_text(encoding="utf-8")))
-        expected = logits(model, probe)  # every rank: under ZeRO-3 the forward pass is collective
+        expected = logits(
+            model, {"input_ids": probe}
+        )  # every rank: under ZeRO-3 the forward pass is collective
         if trainer.is_world_process_zero():
             train_metrics = next((h for h in reversed(trainer.state.log_history) if "train_runtime" in h), {})
             facts = run_facts(trainer, train_metrics, eval_metrics)

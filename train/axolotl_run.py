@@ -94,7 +94,7 @@ def train_with_axolotl(
     if not main:
         return None
     partial = _collect_model(out)
-    probe = torch.tensor(json.loads((work / PROBE).read_text(encoding="utf-8")))
+    probe = {"input_ids": torch.tensor(json.loads((work / PROBE).read_text(encoding="utf-8")))}
     expected = load_file(str(work / EXPECTED))["logits"]
     facts = json.loads((work / FACTS).read_text(encoding="utf-8"))
     return Trained(partial, tokenizer, probe, expected, facts, resume, tokens_before)
@@ -106,7 +106,6 @@ def write_inputs(recipe: Recipe, name: StageName, work: Path, python: Path, fres
     A fresh run starts from an empty ``work``: axolotl reuses its prepared dataset by the config's hash, not
     the data's, so an old one would outlive a new prep. A resumed run keeps the starting model and the data
     it began with (its checkpoints were claimed by this recipe and these inputs)."""
-    stage: TrainStage = getattr(recipe, name)
     out, prep = stage_dir(recipe, name), stage_dir(recipe, "prep")
     if fresh:
         shutil.rmtree(work, ignore_errors=True)
@@ -114,7 +113,7 @@ def write_inputs(recipe: Recipe, name: StageName, work: Path, python: Path, fres
         (work / stale).unlink(missing_ok=True)
     work.mkdir(parents=True, exist_ok=True)
     tokenizer = AutoTokenizer.from_pretrained(prep / "tokenizer")
-    model_dir = _starting_model(recipe, stage, tokenizer, work / "start")
+    model_dir = _starting_model(recipe, name, tokenizer, work / "start")
     train = [Path(f) for f in shard_files(prep, name, "train")]
     val = [Path(f) for f in shard_files(prep, name, "val")]
     if name == "sft":  # pre-tokenized rows, in the exact columns axolotl takes them in
@@ -144,14 +143,15 @@ def write_inputs(recipe: Recipe, name: StageName, work: Path, python: Path, fres
     return tokenizer
 
 
-def _starting_model(recipe: Recipe, stage: TrainStage, tokenizer: Any, folder: Path) -> Path:
+def _starting_model(recipe: Recipe, name: StageName, tokenizer: Any, folder: Path) -> Path:
     """A folder axolotl can load the stage's starting weights from.
 
     A full model another stage of this run wrote is used as it is. Anything else (a base model built from
     config or from the Hub, a LoRA stage's adapter) is loaded the way the TRL path loads it (embeddings
     grown for the chat tokens, EOS and pad set, adapters merged) and saved once, so both backends start
     from the same weights."""
-    source = starting_point(recipe, stage)
+    stage: TrainStage = getattr(recipe, name)
+    source = starting_point(recipe, name)
     if stage.init_from in ("sft", "merge") and source is not None and not is_adapter(Path(source)):
         return Path(source)
     if (folder / "config.json").is_file():

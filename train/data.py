@@ -14,6 +14,7 @@ from hermes_pipeline.errors import UserError
 
 # Prep's column names -> the names TRL's trainers read.
 COLUMNS = {
+    "projector": {"input_ids": "input_ids", "labels": "labels"},
     "sft": {"input_ids": "input_ids", "labels": "labels"},
     "dpo": {
         "prompt_input_ids": "prompt_ids",
@@ -27,8 +28,9 @@ def shard_files(prep: Path, stage: str, split: str) -> list[str]:
     return sorted(str(p) for p in (prep / stage).glob(f"{split}-*.parquet"))
 
 
-def load_split(prep: Path, stage: str, split: str, cache_dir: Path) -> Dataset | None:
-    """One split of a stage's shards with the trainer's column names; None when prep wrote no such split."""
+def load_split(prep: Path, stage: str, split: str, cache_dir: Path, images: bool = False) -> Dataset | None:
+    """One split of a stage's shards with the trainer's column names, and each row's image paths for a
+    Vision stage; None when prep wrote no such split."""
     files = shard_files(prep, stage, split)
     if not files:
         if split == "train":
@@ -36,12 +38,13 @@ def load_split(prep: Path, stage: str, split: str, cache_dir: Path) -> Dataset |
                 f"{prep / stage}: no {split} shards; run `hermes-pipeline prep` for this recipe first"
             )
         return None
-    return load_files(files, stage, cache_dir)
+    return load_files(files, stage, cache_dir, images)
 
 
-def load_files(files: list[str], stage: str, cache_dir: Path) -> Dataset:
-    """Shard files of one stage as a dataset with the trainer's column names (and no other column)."""
-    columns = COLUMNS[stage]
+def load_files(files: list[str], stage: str, cache_dir: Path, images: bool = False) -> Dataset:
+    """Shard files of one stage as a dataset with the trainer's column names (and no other column: TRL
+    takes an ``images`` column for a sign of a vision model)."""
+    columns = COLUMNS[stage] | ({"images": "images"} if images else {})
     dataset = load_dataset("parquet", data_files=files, split="train", cache_dir=str(cache_dir))
     dataset = dataset.select_columns(list(columns))
     return dataset.rename_columns({k: v for k, v in columns.items() if k != v})

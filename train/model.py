@@ -15,9 +15,13 @@ from hermes_pipeline.recipe.schema import LoraSection, Recipe, TrainStage
 from hermes_pipeline.rundir import MANIFEST, stage_dir
 
 
-def starting_point(recipe: Recipe, stage: TrainStage) -> str | None:
-    """The directory or Hub id a stage loads; None means the recipe's base model built from its config."""
-    ref = stage.init_from
+def starting_point(recipe: Recipe, name: str) -> str | None:
+    """The directory or Hub id a training stage loads; None means the recipe's base model built from its
+    config. A Vision recipe's projector stage starts from the language model (sft.init_from), its sft from
+    the projector stage's LLaVA model."""
+    if recipe.vision is not None and name == "sft":
+        return str(stage_dir(recipe, "projector") / MODEL_SUBDIR)
+    ref = (recipe.sft if name == "projector" else getattr(recipe, name)).init_from
     if ref in ("sft", "merge"):
         return str(stage_dir(recipe, ref) / MODEL_SUBDIR)
     if ref == "base":
@@ -25,9 +29,11 @@ def starting_point(recipe: Recipe, stage: TrainStage) -> str | None:
     return ref
 
 
-def upstream_manifest(recipe: Recipe, stage: TrainStage) -> Path | None:
+def upstream_manifest(recipe: Recipe, name: str) -> Path | None:
     """The manifest of the stage whose output this stage starts from; None when it starts from a model."""
-    ref = stage.init_from
+    if recipe.vision is not None:
+        return stage_dir(recipe, "projector") / MANIFEST if name == "sft" else None
+    ref = getattr(recipe, name).init_from
     return stage_dir(recipe, ref) / MANIFEST if ref in ("sft", "merge") else None
 
 

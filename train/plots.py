@@ -6,11 +6,13 @@ import json
 from pathlib import Path
 
 # Panels per stage: (file name, title, metric keys drawn together).
+LOSS_PANELS = [
+    ("loss", "training loss", ["loss", "eval_loss"]),
+    ("learning_rate", "learning rate", ["learning_rate"]),
+]
 PANELS = {
-    "sft": [
-        ("loss", "training loss", ["loss", "eval_loss"]),
-        ("learning_rate", "learning rate", ["learning_rate"]),
-    ],
+    "projector": LOSS_PANELS,
+    "sft": LOSS_PANELS,
     "dpo": [
         ("loss", "DPO loss", ["loss", "eval_loss"]),
         ("learning_rate", "learning rate", ["learning_rate"]),

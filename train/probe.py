@@ -23,12 +23,13 @@ def probe_batch(rows: list[list[int]]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def logits(model: torch.nn.Module, probe: torch.Tensor) -> torch.Tensor:
-    """The model's fp32 logits on ``probe``, in eval mode (no dropout), leaving its mode as it was."""
+def logits(model: torch.nn.Module, probe: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The model's fp32 logits on ``probe`` (its keyword inputs: ids, and pixels for a Vision model), in eval
+    mode (no dropout), leaving its mode as it was."""
     was_training = model.training
     model.eval()
     device = next(p.device for p in model.parameters())
-    out = model(input_ids=probe.to(device)).logits.float().cpu()
+    out = model(**{key: value.to(device) for key, value in probe.items()}).logits.float().cpu()
     model.train(was_training)
     return out
 

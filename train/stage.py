@@ -1,4 +1,5 @@
-"""A training stage, SFT or DPO, from the recipe to a verified model in the run directory.
+"""A training stage (SFT, DPO, or Vision's projector pre-training), from the recipe to a verified model in
+the run directory.
 
 Read top to bottom, it is the whole stage: check inputs, configure the trainer, load the model and the
 shards prep wrote, resume from the newest sealed checkpoint, train, evaluate, save into a temporary folder,
@@ -18,7 +19,7 @@ from typing import Any, Literal
 
 import torch
 from datasets import Dataset
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, TrainingArguments
 from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
 from hermes_pipeline.chat_format.tokens import save_tokenizer
@@ -26,7 +27,8 @@ from hermes_pipeline.disk import check_free_space, full_disk_in_one_line
 from hermes_pipeline.errors import StageInterrupted, UserError
 from hermes_pipeline.locks import stage_lock
 from hermes_pipeline.models import MODEL_SUBDIR, is_adapter, load_model, load_trained, whole_weights
-from hermes_pipeline.recipe.schema import DpoStage, Recipe, SftStage, TrainStage
+from hermes_pipeline.recipe.checks import stage_settings
+from hermes_pipeline.recipe.schema import DpoStage, Optimization, Recipe, SftStage, TrainStage
 from hermes_pipeline.rundir import (
     MANIFEST,
     file_fingerprint,
@@ -57,8 +59,9 @@ from hermes_pipeline.train.model import lora_config, record_adapter_base, starti
 from hermes_pipeline.train.plots import write_plots
 from hermes_pipeline.train.probe import PROBE_ROWS, logits, probe_batch, run_facts
 from hermes_pipeline.train.tracking import configure_wandb, run_name
+from hermes_pipeline.train.vision_trainer import HermesVisionTrainer, vision_probe, vision_trainer
 
-StageName = Literal["sft", "dpo"]
+StageName = Literal["projector", "sft", "dpo"]
 # Saved weights must reproduce the in-memory model's logits this closely (fp32 reload of the same weights).
 VERIFY_TOLERANCE = {"fp32": 1e-4, "bf16": 5e-2, "fp16": 5e-2}
 
@@ -80,16 +83,16 @@ class HermesDPOTrainer(FinishedResume, DPOTrainer):
 
 def check_ready(recipe: Recipe, name: StageName) -> None:
     """What must hold before a stage starts, checked once before any process is launched."""
-    stage: TrainStage = getattr(recipe, name)
-    if not stage.enabled:
+    stage = stage_settings(recipe, name)
+    if isinstance(stage, TrainStage) and not stage.enabled:
         raise UserError(f"{name}.enabled is false in this recipe; nothing to train")
     prep = stage_dir(recipe, "prep")
     if not (prep / MANIFEST).is_file():
         raise UserError(f"{prep}: no finished data prep; run `hermes-pipeline prep` with this recipe first")
-    upstream = upstream_manifest(recipe, stage)
+    upstream = upstream_manifest(recipe, name)
     if upstream is not None and not upstream.is_file():
         raise UserError(
-            f"{name}.init_from is {stage.init_from} but that stage has not finished; run it first"
+            f"{name} starts from the {upstream.parent.name} stage's model, which has not finished; run it first"
         )
 
 
@@ -108,7 +111,7 @@ class Trained:
 
     partial: Path
     tokenizer: PreTrainedTokenizerBase
-    probe: torch.Tensor
+    probe: dict[str, torch.Tensor]  # the model's keyword inputs
     expected: torch.Tensor
     facts: dict[str, Any]  # train.probe.run_facts
     resume: Path | None
@@ -117,31 +120,31 @@ class Trained:
 
 def _run_train(recipe: Recipe, name: StageName, force: bool, log: Any) -> Path:
     check_ready(recipe, name)
-    stage: TrainStage = getattr(recipe, name)
+    stage = stage_settings(recipe, name)
     out = stage_dir(recipe, name)
     prep = stage_dir(recipe, "prep")
-    source = starting_point(recipe, stage)
+    source = starting_point(recipe, name)
     fingerprint = stage_fingerprint(recipe, name)
-    inputs = _inputs(prep, source, upstream_manifest(recipe, stage))
+    inputs = _inputs(prep, source, upstream_manifest(recipe, name))
     if not force and is_complete(out, fingerprint, inputs):
         log(f"{name}: up to date in {out} (use --force to redo)")
         return out
     if (damage := output_damage(out)) is not None:
         log(f"{name}: {damage}; training again from the newest sound checkpoint")
     started = time.time()
-    if stage.backend == "axolotl":
+    if isinstance(stage, TrainStage) and stage.backend == "axolotl":
         from hermes_pipeline.train.axolotl_run import train_with_axolotl
 
         trained = train_with_axolotl(recipe, name, fingerprint, inputs, force, log)
     else:
-        trained = _train_with_trl(recipe, name, source, fingerprint, inputs, force, log)
+        trained = _train_in_process(recipe, name, source, fingerprint, inputs, force, log)
     if trained is not None:
         _seal_model(recipe, name, trained, source, started, fingerprint, inputs, log)
     barrier()
     return out
 
 
-def _train_with_trl(
+def _train_in_process(
     recipe: Recipe,
     name: StageName,
     source: str | None,
@@ -150,9 +153,10 @@ def _train_with_trl(
     force: bool,
     log: Any,
 ) -> Trained | None:
-    """Train with TRL in this process (one rank of many under a launcher) and save into ``model.partial``;
-    the main process gets what ``_seal_model`` needs, the others None."""
-    stage: TrainStage = getattr(recipe, name)
+    """Train in this process (one rank of many under a launcher) with TRL, or transformers' Trainer for
+    Vision, and save into ``model.partial``; the main process gets what ``_seal_model`` needs, the others
+    None."""
+    stage = stage_settings(recipe, name)
     out = stage_dir(recipe, name)
     checkpoint_dir = out / "checkpoints"
     args = training_args(recipe, name)
@@ -186,8 +190,11 @@ def _train_with_trl(
     eval_metrics = trainer.evaluate() if val_set is not None else {}
 
     partial = model_partial(out)
-    column = "input_ids" if name == "sft" else "prompt_ids"
-    probe = probe_rows(train_set if val_set is None else val_set, column)
+    probe_set = train_set if val_set is None else val_set
+    if recipe.vision is not None:
+        probe = vision_probe(recipe, trainer.processing_class, probe_set)
+    else:
+        probe = {"input_ids": probe_rows(probe_set, "input_ids" if name == "sft" else "prompt_ids")}
     expected = logits(trainer.model, probe)
     check_free_space(
         out,
@@ -214,14 +221,14 @@ def _seal_model(
 ) -> None:
     """Check the saved model against the trained one, rename it into place, write the summary and the
     manifest last. Runs on the main process only."""
-    stage: TrainStage = getattr(recipe, name)
+    stage = stage_settings(recipe, name)
     out = stage_dir(recipe, name)
     final, partial = out / MODEL_SUBDIR, trained.partial
     save_tokenizer(trained.tokenizer, partial)
     if is_adapter(partial):
         record_adapter_base(partial, source)
     with whole_weights():
-        reloaded = load_trained(recipe, stage, partial, trained.tokenizer)
+        reloaded = load_trained(recipe, loading_rules(recipe, name), partial, trained.tokenizer)
     difference = float((logits(reloaded, trained.probe) - trained.expected).abs().max())
     if not difference <= VERIFY_TOLERANCE[stage.precision]:  # NaN fails too
         raise RuntimeError(
@@ -244,28 +251,30 @@ def _seal_model(
 
 
 def build_trainer(
-    recipe: Recipe, name: StageName, args: SFTConfig | DPOConfig, source: str | None
-) -> tuple[SFTTrainer | HermesDPOTrainer, StopOnSignal]:
-    """The TRL trainer for a stage, over prep's tokenizer and shards, with our callbacks attached."""
-    stage: TrainStage = getattr(recipe, name)
+    recipe: Recipe, name: StageName, args: TrainingArguments, source: str | None
+) -> tuple[SFTTrainer | HermesDPOTrainer | HermesVisionTrainer, StopOnSignal]:
+    """The trainer for a stage (TRL's for text, transformers' for Vision), over prep's tokenizer and shards,
+    with our callbacks attached."""
     prep = stage_dir(recipe, "prep")
     out = stage_dir(recipe, name)
     tokenizer = AutoTokenizer.from_pretrained(prep / "tokenizer")
-    model = load_model(recipe, stage, tokenizer, source)
     cache = out / "cache"
     stopper = StopOnSignal()
+    images = recipe.vision is not None
+    train_set = load_split(prep, name, "train", cache, images)
+    val_set = load_split(prep, name, "val", cache, images)
+    callbacks = [SealCheckpoints(tokenizer), stopper, CheckFreeSpace(), MetricsLog(out / "metrics.jsonl")]
+    if recipe.vision is not None:
+        trainer = vision_trainer(recipe, name, args, source, tokenizer, train_set, val_set, callbacks)
+        return trainer, stopper
+    stage: TrainStage = getattr(recipe, name)
     kwargs: dict[str, Any] = {
-        "model": model,
+        "model": load_model(recipe, stage, tokenizer, source),
         "args": args,
-        "train_dataset": load_split(prep, name, "train", cache),
-        "eval_dataset": load_split(prep, name, "val", cache),
+        "train_dataset": train_set,
+        "eval_dataset": val_set,
         "processing_class": tokenizer,
-        "callbacks": [
-            SealCheckpoints(tokenizer),
-            stopper,
-            CheckFreeSpace(),
-            MetricsLog(out / "metrics.jsonl"),
-        ],
+        "callbacks": callbacks,
         "peft_config": lora_config(stage, tokenizer) if stage.mode != "full" else None,
     }
     if name == "sft":
@@ -308,10 +317,10 @@ def claim_checkpoints(out: Path, fingerprint: str, inputs: dict[str, str], force
     owner.write_text(json.dumps(claim, indent=2) + "\n", encoding="utf-8")
 
 
-def training_args(recipe: Recipe, name: StageName) -> SFTConfig | DPOConfig:
+def training_args(recipe: Recipe, name: StageName) -> TrainingArguments:
     """Trainer settings from the recipe. Create them before the model: under ZeRO-3 they make
     transformers partition the weights while loading instead of materialising them on every rank."""
-    stage: TrainStage = getattr(recipe, name)
+    stage: Optimization = stage_settings(recipe, name)
     out = stage_dir(recipe, name)
     on_cpu = not torch.cuda.is_available()
     common: dict[str, Any] = {
@@ -347,8 +356,11 @@ def training_args(recipe: Recipe, name: StageName) -> SFTConfig | DPOConfig:
         "use_cpu": on_cpu,
         "ddp_backend": "gloo" if on_cpu and launched() else None,
         "dataloader_num_workers": 0,
-        "max_length": recipe.data.max_seq_len,
     }
+    if recipe.vision is not None:
+        # Prep's rows go to the collator whole: their image paths are a column no model argument names.
+        return TrainingArguments(remove_unused_columns=False, **common)
+    common["max_length"] = recipe.data.max_seq_len
     if name == "sft":
         assert isinstance(stage, SftStage)
         # Packed rows keep their own position ids and attention never crosses a row boundary: varlen
@@ -361,6 +373,12 @@ def training_args(recipe: Recipe, name: StageName) -> SFTConfig | DPOConfig:
         precompute_ref_log_probs=stage.precompute_ref_log_probs,
         **common,
     )
+
+
+def loading_rules(recipe: Recipe, name: StageName) -> TrainStage:
+    """The section whose loading rules (full weights, adapter or 4-bit) load a stage's model: its own, and
+    for the projector stage Vision's sft section (validate keeps a Vision recipe to full weights)."""
+    return recipe.sft if name == "projector" else getattr(recipe, name)
 
 
 def model_partial(out: Path) -> Path:

@@ -22,6 +22,8 @@ CHAT_TOKENS = (*CONTROL_TOKENS, *TOOL_TAGS)
 FALLBACK_PAD = "<|pad|>"
 # LLaVA's image placeholder: one special token, which the model replaces by the image's features.
 IMAGE_TOKEN = "<image>"
+# Hermes 2 Vision's function calling: a user turn opens with it and a JSON schema; the answer is JSON under it.
+FN_CALL = "<fn_call>"
 # Vicuna v1 (LLaVA's sep2) ends every answer with the base model's EOS written as text, whatever the chat EOS.
 VICUNA_EOS = "</s>"
 

@@ -37,6 +37,7 @@ def check_recipe(recipe: Recipe) -> list[Problem]:
         _check_context,
         _check_export,
         _check_eval,
+        _check_vision,
         _check_not_built,
     )
     return [problem for check in checks for problem in check(recipe)]
@@ -48,12 +49,27 @@ def training_stages(recipe: Recipe) -> dict[str, TrainStage]:
 
 
 def optimization_stages(recipe: Recipe) -> dict[str, Optimization]:
-    """Every stage that runs an optimizer, in run order: the vision projector pre-training comes first."""
+    """Every stage that runs an optimizer, by stage name, in run order: Vision's projector pre-training
+    (settings in ``vision.projector_pretrain``, see ``settings_key``) comes first."""
     stages: dict[str, Optimization] = {}
     if recipe.vision is not None:
-        stages["vision.projector_pretrain"] = recipe.vision.projector_pretrain
+        stages["projector"] = recipe.vision.projector_pretrain
     stages.update(training_stages(recipe))
     return stages
+
+
+def settings_key(stage: str) -> str:
+    """The recipe key of a training stage's settings: ``projector`` -> vision.projector_pretrain."""
+    return "vision.projector_pretrain" if stage == "projector" else stage
+
+
+def stage_settings(recipe: Recipe, stage: str) -> Optimization:
+    """How a training stage (projector, sft or dpo) optimizes."""
+    if stage == "projector":
+        if recipe.vision is None:
+            raise UserError("the projector stage trains a Vision model; this recipe has no vision section")
+        return recipe.vision.projector_pretrain
+    return getattr(recipe, stage)
 
 
 def _check_sources(recipe: Recipe) -> Iterator[Problem]:
@@ -185,13 +201,14 @@ def _check_deepspeed(recipe: Recipe) -> Iterator[Problem]:
     for name, stage in optimization_stages(recipe).items():
         if stage.deepspeed is None:
             continue
+        key = f"{settings_key(name)}.deepspeed"
         try:
             zero, _, offload_params = zero_settings(stage.deepspeed)
         except UserError as exc:
-            yield f"{name}.deepspeed", f"{stage.deepspeed}: {exc}"
+            yield key, f"{stage.deepspeed}: {exc}"
             continue
         if offload_params and zero != 3:
-            yield f"{name}.deepspeed", "offload_param needs ZeRO stage 3"
+            yield key, "offload_param needs ZeRO stage 3"
 
 
 def _check_model_merge(recipe: Recipe) -> Iterator[Problem]:
@@ -286,22 +303,79 @@ def _check_eval(recipe: Recipe) -> Iterator[Problem]:
         yield "eval.endpoint", "backend openai needs the server's base URL, e.g. http://node:8000/v1"
 
 
-def _check_not_built(recipe: Recipe) -> Iterator[Problem]:
-    """Refuse what the schema describes but no stage runs yet, before any job starts: `run` has no
-    projector stage and would train text-only SFT on rows holding a literal <image>, and an axolotl stage
-    would fail only once its job had waited in the queue."""
-    if recipe.vision is not None:
-        yield (
-            "vision",
-            "the Vision stages (projector pre-training, visual instruction tuning) are not built yet; "
-            "remove the vision section to train text only",
-        )
-    feeds_vision = "feeds the Vision stages, which are not built yet; remove this source to train text only"
-    for i, source in enumerate(recipe.data.sources):
+# What a Vision recipe runs: LLaVA's two stages, full weights, on TRL; the rest is refused by name.
+VISION_SUITES = ("vision_function_calling",)
+
+
+def _check_vision(recipe: Recipe) -> Iterator[Problem]:
+    """A Vision recipe trains a LLaVA model in Vicuna v1 (projector, then projector + LLM) and evaluates
+    its ``<fn_call>`` answers; text-only recipes hold no image rows. What a LLaVA model cannot do here yet
+    (adapters, DPO, merging, axolotl, packing, GGUF) is refused by key instead of run as text."""
+    vision = recipe.vision
+    for i, source in enumerate(recipe.data.sources if vision is None else ()):
         if source.kind == "llava":
-            yield f"data.sources[{i}].kind", f"llava {feeds_vision}"
+            yield (
+                f"data.sources[{i}].kind",
+                "llava rows hold images; add a vision section or remove this source",
+            )
         elif source.stage == "projector":
-            yield f"data.sources[{i}].stage", f"projector {feeds_vision}"
+            yield (
+                f"data.sources[{i}].stage",
+                "projector trains a Vision model's projector; add a vision section or remove this source",
+            )
+    if vision is None:
+        if "vision_function_calling" in recipe.eval.suites and recipe.eval.enabled:
+            yield (
+                "eval.suites",
+                "vision_function_calling evaluates a Vision model; this recipe has no vision section",
+            )
+        return
+    if not any(s.used_by == "projector" for s in recipe.data.sources):
+        yield "vision.projector_pretrain", "no data source feeds it; give the caption source stage: projector"
+    if recipe.tokenizer.template != "vicuna_v1":
+        yield "tokenizer.template", "Hermes 2 Vision speaks Vicuna v1 (LLaVA's conv_llava_v1); set vicuna_v1"
+    sft = recipe.sft
+    if not sft.enabled:
+        yield "sft.enabled", "a Vision recipe's second stage (projector + LLM on visual instructions) is sft"
+    if sft.mode != "full":
+        yield (
+            "sft.mode",
+            f"{sft.mode} on a LLaVA model is not built; use full (projector + LLM, as LLaVA-1.5)",
+        )
+    if sft.backend != "trl":
+        yield "sft.backend", "the Vision stages train with trl; axolotl's LLaVA path is not wired here"
+    if sft.packing:
+        yield "sft.packing", "rows with images are not packed; set sft.packing: false"
+    if recipe.dpo.enabled:
+        yield "dpo.enabled", "preference tuning of a LLaVA model is not built; set dpo.enabled: false"
+    if recipe.merge.models is not None:
+        yield "merge.models", "mergekit merges language models; a Vision recipe cannot merge"
+    if recipe.export.enabled:
+        yield (
+            "export.enabled",
+            "GGUF + mmproj export of a Vision model is not built yet; set export.enabled: false",
+        )
+    if recipe.eval.enabled:
+        text_suites = [suite for suite in recipe.eval.suites if suite not in VISION_SUITES]
+        if text_suites:
+            yield (
+                "eval.suites",
+                f"{text_suites[0]} evaluates ChatML text models; a Vision recipe evaluates vision_function_calling",
+            )
+        elif recipe.eval.vision_function_calling_set is None or recipe.eval.vision_image_root is None:
+            yield (
+                "eval.vision_function_calling_set",
+                "vision_function_calling needs its rows (LLaVA rows with reference) and eval.vision_image_root",
+            )
+        if recipe.eval.backend != "transformers":
+            yield "eval.backend", "a Vision model is evaluated with transformers"
+        if any(point not in ("base", "sft", "package") for point in recipe.eval.after):
+            yield "eval.after", "a Vision model is evaluated after base, sft or package"
+
+
+def _check_not_built(recipe: Recipe) -> Iterator[Problem]:
+    """Refuse what the schema describes but no stage runs yet, before any job starts: an axolotl stage
+    would fail only once its job had waited in the queue."""
     for name, stage in training_stages(recipe).items():
         resources = stage.resources
         processes = (resources.processes_per_node or 1) * resources.nodes

@@ -35,7 +35,9 @@ DPO_LOSS_TYPES = Literal[
 
 SFT_SOURCE_KINDS = ("openhermes", "sharegpt", "function_calling", "json_mode", "llava")
 DPO_SOURCE_KINDS = ("orca_dpo_pairs", "distilabel_orca_dpo", "ultrafeedback_binarized", "dpo_messages")
-EVAL_SUITES = Literal["function_calling", "json_mode", "gpt4all", "agieval", "bigbench", "truthfulqa"]
+EVAL_SUITES = Literal[
+    "function_calling", "json_mode", "vision_function_calling", "gpt4all", "agieval", "bigbench", "truthfulqa"
+]
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 SLURM_TIME = re.compile(r"^(\d+-)?\d{1,3}:\d{2}:\d{2}$")
 MEMORY = re.compile(r"^\d+[KMGT]?$")
@@ -335,6 +337,10 @@ class EvalSection(Section):
     endpoint: str | None = None  # for backend openai
     function_calling_sets: list[ModelRef] = ["NousResearch/func-calling-eval"]
     json_mode_set: ModelRef = "NousResearch/json-mode-eval"
+    # Hermes 2 Vision's <fn_call>: LLaVA-shaped rows (image, <fn_call> + schema) with each field's answer in
+    # `reference`. Not used for decontamination: every such prompt repeats the same schema, the picture differs.
+    vision_function_calling_set: ModelRef | None = None
+    vision_image_root: LocalPath | None = None  # the folder that set's image paths are relative to
     temperature: Annotated[Float, Field(ge=0, le=2)] = 0.1
     max_new_tokens: PositiveInt = 512
     batch_size: PositiveInt = 8  # prompts per generation batch, requests in flight, lm-eval batch size
