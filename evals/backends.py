@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,36 +76,51 @@ class TransformersBackend:
         return cls(model.to("cuda" if torch.cuda.is_available() else "cpu"), tokenizer, sampling)
 
     def generate(self, prompts: list[Prompt]) -> list[str]:
-        import torch
-
-        texts, size = [prompt.text for prompt in prompts], self.sampling.batch_size
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.sampling.seed)
-            return [
-                answer for at in range(0, len(texts), size) for answer in self._batch(texts[at : at + size])
-            ]
+        return seeded_batches([prompt.text for prompt in prompts], self.sampling, self._batch)
 
     def _batch(self, prompts: list[str]) -> list[str]:
         import torch
 
         self.tokenizer.padding_side = "left"
         encoded = self.tokenizer(prompts, return_tensors="pt", padding=True).to(self.model.device)
-        sampled = self.sampling.temperature > 0
-        options = {"do_sample": True, "temperature": self.sampling.temperature, "top_k": 0, "top_p": 1.0}
         with torch.inference_mode():
             out = self.model.generate(
                 **encoded,
                 max_new_tokens=self.sampling.max_new_tokens,
                 eos_token_id=self.tokenizer.eos_token_id,
                 pad_token_id=self.tokenizer.pad_token_id,
-                **(options if sampled else {"do_sample": False}),
+                **sampling_options(self.sampling),
             )
-        return [self._decode(row) for row in out[:, encoded["input_ids"].shape[1] :].tolist()]
-
-    def _decode(self, tokens: list[int]) -> str:
-        """The answer up to its ``<|im_end|>``: a finished row is padded after it while the batch goes on."""
         eos = self.tokenizer.eos_token_id
-        return self.tokenizer.decode(tokens[: tokens.index(eos)] if eos in tokens else tokens)
+        return [
+            self.tokenizer.decode(until_eos(row, eos))
+            for row in out[:, encoded["input_ids"].shape[1] :].tolist()
+        ]
+
+
+def seeded_batches(
+    items: list[Any], sampling: Sampling, batch: Callable[[list[Any]], list[str]]
+) -> list[str]:
+    """``batch`` over ``items`` in slices of ``sampling.batch_size``, under the sampling seed, so a sampled
+    eval answers the same on every run."""
+    import torch
+
+    size = sampling.batch_size
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(sampling.seed)
+        return [answer for at in range(0, len(items), size) for answer in batch(items[at : at + size])]
+
+
+def sampling_options(sampling: Sampling) -> dict[str, Any]:
+    """``generate``'s sampling arguments: greedy at temperature 0, else plain temperature sampling."""
+    if sampling.temperature > 0:
+        return {"do_sample": True, "temperature": sampling.temperature, "top_k": 0, "top_p": 1.0}
+    return {"do_sample": False}
+
+
+def until_eos(tokens: list[int], eos: int) -> list[int]:
+    """An answer's tokens before its EOS: a finished row is padded after it while the batch goes on."""
+    return tokens[: tokens.index(eos)] if eos in tokens else tokens
 
 
 class LlamaCppBackend:

@@ -158,7 +158,7 @@ def _llava(recipe: Recipe, after: str) -> tuple[Any, Any]:
     import torch
     from transformers import AutoProcessor, AutoTokenizer, LlavaForConditionalGeneration
 
-    from hermes_pipeline.vision import build_processor, image_processor, start_llava, tower_config
+    from hermes_pipeline.vision import recipe_processor, start_llava
 
     assert recipe.vision is not None
     if after == "package":
@@ -167,8 +167,7 @@ def _llava(recipe: Recipe, after: str) -> tuple[Any, Any]:
         model = LlavaForConditionalGeneration.from_pretrained(folder)
     else:
         tokenizer = AutoTokenizer.from_pretrained(stage_dir(recipe, "prep") / "tokenizer")
-        config = tower_config(recipe.vision)
-        processor = build_processor(tokenizer, image_processor(recipe.vision, config), config)
+        processor = recipe_processor(recipe.vision, tokenizer)
         if after == "base":
             source = recipe.model.name_or_path if recipe.model.init == "pretrained" else None
             model = start_llava(recipe, tokenizer, source)

@@ -17,13 +17,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
 from transformers import LlavaForConditionalGeneration, ProcessorMixin
 
 from hermes_pipeline.chat_format.tokens import FN_CALL, IMAGE_TOKEN
 from hermes_pipeline.errors import UserError
-from hermes_pipeline.evals.backends import Sampling
+from hermes_pipeline.evals.backends import Sampling, sampling_options, seeded_batches, until_eos
 from hermes_pipeline.evals.generate import PREDICTIONS_FILE, load_eval_rows
+from hermes_pipeline.evals.predictions import RESULTS_FILE
 from hermes_pipeline.evals.scoring import (
     EvalRowError,
     Verdict,
@@ -31,10 +31,9 @@ from hermes_pipeline.evals.scoring import (
     same_value,
     score_json_mode,
 )
-from hermes_pipeline.vision import pad_to_square
+from hermes_pipeline.vision import read_picture
 
 SPEAKERS = {"human": "user", "gpt": "assistant", "system": "system"}
-RESULTS_FILE = "results.json"
 
 
 @dataclass(frozen=True)
@@ -102,12 +101,7 @@ class LlavaGenerator:
         self.pad = pad  # vision.image_aspect_ratio: pad, as in training
 
     def generate(self, rows: list[FnCallRow]) -> list[str]:
-        size = self.sampling.batch_size
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.sampling.seed)
-            return [
-                answer for at in range(0, len(rows), size) for answer in self._batch(rows[at : at + size])
-            ]
+        return seeded_batches(rows, self.sampling, self._batch)
 
     def _batch(self, rows: list[FnCallRow]) -> list[str]:
         tokenizer = self.processor.tokenizer
@@ -116,16 +110,15 @@ class LlavaGenerator:
             tokenizer.apply_chat_template(row.messages, tokenize=False, add_generation_prompt=True)
             for row in rows
         ]
+        mean = self.processor.image_processor.image_mean
         # The template writes BOS itself, as prep's rendering does.
         inputs = self.processor(
-            images=[self._picture(row.image) for row in rows],
+            images=[read_picture(row.image, mean, self.pad) for row in rows],
             text=texts,
             padding=True,
             add_special_tokens=False,
             return_tensors="pt",
         ).to(self.model.device)
-        sampled = self.sampling.temperature > 0
-        options = {"do_sample": True, "temperature": self.sampling.temperature, "top_k": 0, "top_p": 1.0}
         with torch.inference_mode():
             out = self.model.generate(
                 **inputs,
@@ -133,18 +126,11 @@ class LlavaGenerator:
                 repetition_penalty=1.0,  # the eval's sampling, not the packaged defaults, at every point
                 eos_token_id=tokenizer.eos_token_id,
                 pad_token_id=tokenizer.pad_token_id,
-                **(options if sampled else {"do_sample": False}),
+                **sampling_options(self.sampling),
             )
         eos = tokenizer.eos_token_id
         answers = out[:, inputs["input_ids"].shape[1] :].tolist()
-        return [
-            tokenizer.decode(a[: a.index(eos)] if eos in a else a, skip_special_tokens=True) for a in answers
-        ]
-
-    def _picture(self, path: Path) -> Image.Image:
-        with Image.open(path) as image:
-            picture = image.convert("RGB")
-        return pad_to_square(picture, self.processor.image_processor.image_mean) if self.pad else picture
+        return [tokenizer.decode(until_eos(answer, eos), skip_special_tokens=True) for answer in answers]
 
 
 def evaluate_fn_call(

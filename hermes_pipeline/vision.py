@@ -13,6 +13,8 @@ held twice); only the projector is new, initialized from the recipe's seed.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from PIL import Image
 from transformers import (
@@ -172,6 +174,20 @@ def build_processor(
         image_token=IMAGE_TOKEN,
         chat_template=template_source(VICUNA_TEMPLATE),
     )
+
+
+def recipe_processor(vision: VisionSection, tokenizer: PreTrainedTokenizerBase) -> LlavaProcessor:
+    """``build_processor`` for the recipe's tower: what prep's rows were made for, before a package exists."""
+    config = tower_config(vision)
+    return build_processor(tokenizer, image_processor(vision, config), config)
+
+
+def read_picture(path: str | Path, mean: list[float], pad: bool) -> Image.Image:
+    """A picture as the tower sees it in training and in the eval: RGB, and with ``pad``
+    (``image_aspect_ratio: pad``) centred on a square of the processor's mean colour."""
+    with Image.open(path) as image:
+        picture = image.convert("RGB")
+    return pad_to_square(picture, mean) if pad else picture
 
 
 def pad_to_square(image: Image.Image, mean: list[float]) -> Image.Image:

@@ -16,7 +16,6 @@ import torch
 from PIL import Image
 from transformers import (
     AutoConfig,
-    AutoProcessor,
     AutoTokenizer,
     LlavaForConditionalGeneration,
     ProcessorMixin,
@@ -28,7 +27,7 @@ from hermes_pipeline.chat_format.tokens import IMAGE_TOKEN, save_tokenizer
 from hermes_pipeline.errors import UserError
 from hermes_pipeline.merge.shards import iter_tensors, write_shards
 from hermes_pipeline.recipe.schema import Recipe
-from hermes_pipeline.vision import build_processor, image_processor, tower_config
+from hermes_pipeline.vision import recipe_processor
 
 PROBE_QUESTION = f"{IMAGE_TOKEN}\nWhat is in the picture?"
 
@@ -39,8 +38,7 @@ def write_llava(recipe: Recipe, source: Path, folder: Path, shard_bytes: int) ->
     write_shards(iter_tensors(source), folder, shard_bytes)
     shutil.copyfile(source / "config.json", folder / "config.json")
     tokenizer = AutoTokenizer.from_pretrained(source)
-    config = tower_config(recipe.vision)
-    processor = build_processor(tokenizer, image_processor(recipe.vision, config), config)
+    processor = recipe_processor(recipe.vision, tokenizer)
     processor.save_pretrained(folder)
     # Over the processor's copy: ours keeps the SentencePiece model and the added tokens llama.cpp reads. It
     # also removes template files (a text model's named templates live in tokenizer_config.json), so the
@@ -62,10 +60,10 @@ def probe_inputs(processor: ProcessorMixin) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def verify_same_llava(source: Path, packaged: Path) -> float:
-    """The packaged model, read through the packaged processor, must give the stage's model's logits
+def verify_same_llava(source: Path, packaged: Path, processor: ProcessorMixin) -> float:
+    """The packaged model, read through the packaged ``processor``, must give the stage's model's logits
     exactly on the probe picture: re-sharding changes no weight, and the processor fills every image token."""
-    inputs = probe_inputs(AutoProcessor.from_pretrained(packaged))
+    inputs = probe_inputs(processor)
     expected = LlavaForConditionalGeneration.from_pretrained(source, dtype="auto").eval()(**inputs).logits
     actual = LlavaForConditionalGeneration.from_pretrained(packaged, dtype="auto").eval()(**inputs).logits
     difference = float((expected.float() - actual.float()).abs().max())
@@ -74,10 +72,9 @@ def verify_same_llava(source: Path, packaged: Path) -> float:
     return difference
 
 
-def check_llava(folder: Path) -> None:
-    """What a Vision model's users depend on beyond its stop token: Vicuna v1 as the chat template, and the
-    processor writing an image as the tokens the model's config expects."""
-    processor = AutoProcessor.from_pretrained(folder)
+def check_llava(folder: Path, processor: ProcessorMixin) -> None:
+    """What a Vision model's users depend on beyond its stop token: Vicuna v1 as the packaged ``processor``'s
+    chat template, and the processor writing an image as the tokens the model's config expects."""
     tokenizer = processor.tokenizer
     vicuna = template_source(VICUNA_TEMPLATE)
     if tokenizer.chat_template != vicuna or processor.chat_template != vicuna:

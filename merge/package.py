@@ -113,13 +113,16 @@ def _package_text(
 
 def _package_llava(recipe: Recipe, source: Path, folder: Path, shard_bytes: int) -> float:
     """A Vision model: the LLaVA folder with its processor, checked as AutoProcessor users load it."""
+    from transformers import AutoProcessor
+
     from hermes_pipeline.merge.llava import check_llava, verify_same_llava, write_llava
 
     write_llava(recipe, source, folder, shard_bytes)
     write_generation_settings(folder, AutoTokenizer.from_pretrained(folder), recipe.package)
-    difference = verify_same_llava(source, folder)
+    processor = AutoProcessor.from_pretrained(folder)  # as users load it
+    difference = verify_same_llava(source, folder, processor)
     check_stops(folder, VICUNA_EOS)
-    check_llava(folder)
+    check_llava(folder, processor)
     return difference
 
 

@@ -15,7 +15,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from datasets import Dataset
@@ -59,7 +59,9 @@ from hermes_pipeline.train.model import lora_config, record_adapter_base, starti
 from hermes_pipeline.train.plots import write_plots
 from hermes_pipeline.train.probe import PROBE_ROWS, logits, probe_batch, run_facts
 from hermes_pipeline.train.tracking import configure_wandb, run_name
-from hermes_pipeline.train.vision_trainer import HermesVisionTrainer, vision_probe, vision_trainer
+
+if TYPE_CHECKING:
+    from hermes_pipeline.train.vision_trainer import HermesVisionTrainer
 
 StageName = Literal["projector", "sft", "dpo"]
 # Saved weights must reproduce the in-memory model's logits this closely (fp32 reload of the same weights).
@@ -192,7 +194,9 @@ def _train_in_process(
     partial = model_partial(out)
     probe_set = train_set if val_set is None else val_set
     if recipe.vision is not None:
-        probe = vision_probe(recipe, trainer.processing_class, probe_set)
+        from hermes_pipeline.train.vision_trainer import vision_probe
+
+        probe = vision_probe(trainer, probe_set)
     else:
         probe = {"input_ids": probe_rows(probe_set, "input_ids" if name == "sft" else "prompt_ids")}
     expected = logits(trainer.model, probe)
@@ -265,6 +269,9 @@ def build_trainer(
     val_set = load_split(prep, name, "val", cache, images)
     callbacks = [SealCheckpoints(tokenizer), stopper, CheckFreeSpace(), MetricsLog(out / "metrics.jsonl")]
     if recipe.vision is not None:
+        # Imported here: LLaVA's and SigLIP's modules take seconds to import, which only Vision needs.
+        from hermes_pipeline.train.vision_trainer import vision_trainer
+
         trainer = vision_trainer(recipe, name, args, source, tokenizer, train_set, val_set, callbacks)
         return trainer, stopper
     stage: TrainStage = getattr(recipe, name)

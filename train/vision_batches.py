@@ -13,11 +13,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from PIL import Image
 from transformers.image_processing_utils import BaseImageProcessor
 
 from hermes_pipeline.rows import IGNORE_INDEX
-from hermes_pipeline.vision import pad_to_square
+from hermes_pipeline.vision import read_picture
 
 
 @dataclass(frozen=True)
@@ -37,12 +36,8 @@ class VisionBatches:
             labels[index, :length] = torch.tensor(row["labels"])
             attention_mask[index, :length] = 1
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-        pictures = [self._picture(path) for row in rows for path in row["images"]]
+        mean = self.images.image_mean
+        pictures = [read_picture(path, mean, self.pad_square) for row in rows for path in row["images"]]
         if pictures:
             batch["pixel_values"] = self.images(pictures, return_tensors="pt")["pixel_values"]
         return batch
-
-    def _picture(self, path: str) -> Image.Image:
-        with Image.open(path) as image:
-            picture = image.convert("RGB")
-        return pad_to_square(picture, self.images.image_mean) if self.pad_square else picture

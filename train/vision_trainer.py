@@ -62,8 +62,9 @@ def batches(recipe: Recipe, tokenizer: PreTrainedTokenizerBase) -> VisionBatches
     return VisionBatches(tokenizer.pad_token_id, images, recipe.vision.image_aspect_ratio == "pad")
 
 
-def vision_probe(recipe: Recipe, tokenizer: PreTrainedTokenizerBase, dataset: Dataset) -> dict[str, Any]:
-    """Whole rows, pictures included: a cut row would leave image tokens without their features."""
+def vision_probe(trainer: HermesVisionTrainer, dataset: Dataset) -> dict[str, Any]:
+    """Whole rows, pictures included, batched by the trainer's collator: a cut row would leave image tokens
+    without their features."""
     rows = [dataset[index] for index in range(min(PROBE_ROWS, len(dataset)))]
-    batch = batches(recipe, tokenizer)(rows)
+    batch = trainer.data_collator(rows)
     return {key: value for key, value in batch.items() if key != "labels"}

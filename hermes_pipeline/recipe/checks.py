@@ -311,24 +311,8 @@ def _check_vision(recipe: Recipe) -> Iterator[Problem]:
     """A Vision recipe trains a LLaVA model in Vicuna v1 (projector, then projector + LLM) and evaluates
     its ``<fn_call>`` answers; text-only recipes hold no image rows. What a LLaVA model cannot do here yet
     (adapters, DPO, merging, axolotl, packing, GGUF) is refused by key instead of run as text."""
-    vision = recipe.vision
-    for i, source in enumerate(recipe.data.sources if vision is None else ()):
-        if source.kind == "llava":
-            yield (
-                f"data.sources[{i}].kind",
-                "llava rows hold images; add a vision section or remove this source",
-            )
-        elif source.stage == "projector":
-            yield (
-                f"data.sources[{i}].stage",
-                "projector trains a Vision model's projector; add a vision section or remove this source",
-            )
-    if vision is None:
-        if "vision_function_calling" in recipe.eval.suites and recipe.eval.enabled:
-            yield (
-                "eval.suites",
-                "vision_function_calling evaluates a Vision model; this recipe has no vision section",
-            )
+    if recipe.vision is None:
+        yield from _vision_parts_without_vision(recipe)
         return
     if not any(s.used_by == "projector" for s in recipe.data.sources):
         yield "vision.projector_pretrain", "no data source feeds it; give the caption source stage: projector"
@@ -371,6 +355,26 @@ def _check_vision(recipe: Recipe) -> Iterator[Problem]:
             yield "eval.backend", "a Vision model is evaluated with transformers"
         if any(point not in ("base", "sft", "package") for point in recipe.eval.after):
             yield "eval.after", "a Vision model is evaluated after base, sft or package"
+
+
+def _vision_parts_without_vision(recipe: Recipe) -> Iterator[Problem]:
+    """Image rows, a projector source or the Vision eval in a recipe that builds no Vision model."""
+    for i, source in enumerate(recipe.data.sources):
+        if source.kind == "llava":
+            yield (
+                f"data.sources[{i}].kind",
+                "llava rows hold images; add a vision section or remove this source",
+            )
+        elif source.stage == "projector":
+            yield (
+                f"data.sources[{i}].stage",
+                "projector trains a Vision model's projector; add a vision section or remove this source",
+            )
+    if recipe.eval.enabled and "vision_function_calling" in recipe.eval.suites:
+        yield (
+            "eval.suites",
+            "vision_function_calling evaluates a Vision model; this recipe has no vision section",
+        )
 
 
 def _check_not_built(recipe: Recipe) -> Iterator[Problem]:
