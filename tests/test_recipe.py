@@ -52,9 +52,8 @@ def test_vision_recipe_validates_and_names_the_image_folders_it_needs(
     ]
 
 
-EXPORT_REFUSAL = (
-    f"{TINY_VISION}: export.enabled: GGUF + mmproj export of a Vision model is not built yet; "
-    "set export.enabled: false (from --set)"
+PACKING_REFUSAL = (
+    f"{TINY_VISION}: sft.packing: rows with images are not packed; set sft.packing: false (from --set)"
 )
 
 
@@ -69,9 +68,9 @@ def test_every_entry_point_refuses_what_is_not_built(
     """Each command loads the recipe through the same checks, before any stage, script or job exists."""
     monkeypatch.chdir(tmp_path)
     at = 2 if command[0] == "slurm" else 1
-    refused = [*command[:at], str(TINY_VISION), *command[at:], "--set", "export.enabled=true"]
+    refused = [*command[:at], str(TINY_VISION), *command[at:], "--set", "sft.packing=true"]
     assert main(refused) == 2
-    assert capsys.readouterr().err.splitlines()[0] == EXPORT_REFUSAL
+    assert capsys.readouterr().err.splitlines()[0] == PACKING_REFUSAL
     assert list(tmp_path.iterdir()) == []
 
 
@@ -194,7 +193,7 @@ VISION_BROKEN = [
     ("chatml template", _set("tokenizer.template", "chatml"), "tokenizer.template", "Hermes 2 Vision speaks Vicuna v1"),
     ("packed image rows", _set("sft.packing", True), "sft.packing", "rows with images are not packed"),
     ("axolotl", _set("sft.backend", "axolotl"), "sft.backend", "the Vision stages train with trl"),
-    ("gguf export", _set("export.enabled", True), "export.enabled", "GGUF + mmproj export of a Vision model is not built yet"),
+    ("gguf eval", _set("eval.backend", "llama_cpp"), "eval.backend", "a Vision model is evaluated with transformers"),
     ("text eval suite", _set("eval.suites", ["json_mode"]), "eval.suites", "json_mode evaluates ChatML text models"),
     ("eval rows without images", _drop("eval.vision_image_root"), "eval.vision_function_calling_set", "and eval.vision_image_root"),
     ("no caption source", _set("data.sources.0.stage", "sft"), "vision.projector_pretrain", "no data source feeds it"),

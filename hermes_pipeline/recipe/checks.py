@@ -310,7 +310,7 @@ VISION_SUITES = ("vision_function_calling",)
 def _check_vision(recipe: Recipe) -> Iterator[Problem]:
     """A Vision recipe trains a LLaVA model in Vicuna v1 (projector, then projector + LLM) and evaluates
     its ``<fn_call>`` answers; text-only recipes hold no image rows. What a LLaVA model cannot do here yet
-    (adapters, DPO, merging, axolotl, packing, GGUF) is refused by key instead of run as text."""
+    (adapters, DPO, merging, axolotl, packing, evaluating the GGUF) is refused by key instead of run as text."""
     if recipe.vision is None:
         yield from _vision_parts_without_vision(recipe)
         return
@@ -334,11 +334,6 @@ def _check_vision(recipe: Recipe) -> Iterator[Problem]:
         yield "dpo.enabled", "preference tuning of a LLaVA model is not built; set dpo.enabled: false"
     if recipe.merge.models is not None:
         yield "merge.models", "mergekit merges language models; a Vision recipe cannot merge"
-    if recipe.export.enabled:
-        yield (
-            "export.enabled",
-            "GGUF + mmproj export of a Vision model is not built yet; set export.enabled: false",
-        )
     if recipe.eval.enabled:
         text_suites = [suite for suite in recipe.eval.suites if suite not in VISION_SUITES]
         if text_suites:
