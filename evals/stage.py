@@ -2,7 +2,8 @@
 
 ``after`` names the model: ``base`` the recipe's starting model (a random init is rebuilt from its config
 with the recipe seed, as training builds it), ``sft``/``dpo``/``merge`` that stage's ``model`` folder,
-``package`` the packaged model in ``final/``, ``export`` the f16 GGUF in ``gguf/``, run by llama.cpp.
+``package`` the packaged model in ``final/``, ``export`` the f16 GGUF in ``gguf/``, run by llama.cpp (a
+Vision model's with its mmproj, in llama-server).
 
 The folder holds one subfolder per suite (``function_calling/<set>/`` per function-calling set,
 ``json_mode/``, ``gpt4all/`` ...) with that suite's own files, and ``results.json``, the summary the model
@@ -34,6 +35,7 @@ from hermes_pipeline.evals.backends import (
 from hermes_pipeline.evals.generate import eval_set_name, evaluate
 from hermes_pipeline.evals.harness import SUITES, run_suites
 from hermes_pipeline.evals.scoring import wilson_interval
+from hermes_pipeline.llama_server import MMPROJ_PREFIX, find_mmproj, running_server
 from hermes_pipeline.models import MODEL_SUBDIR, load_model, load_trained
 from hermes_pipeline.recipe.schema import Recipe, SftStage
 from hermes_pipeline.rundir import (
@@ -135,21 +137,32 @@ def _run_suites(recipe: Recipe, after: str, out: Path, log: Callable[[str], Any]
 
 def _vision_function_calling(recipe: Recipe, after: str, out: Path) -> dict[str, Any]:
     """Hermes 2 Vision's <fn_call> on the LLaVA model ``after`` left behind, read through its processor."""
-    from hermes_pipeline.evals.vision import LlavaGenerator, evaluate_fn_call
+    from hermes_pipeline.evals.vision import LlamaServerGenerator, LlavaGenerator, evaluate_fn_call
 
     ev, vision = recipe.eval, recipe.vision
     assert ev.vision_function_calling_set and ev.vision_image_root and vision, "validate checks these"
-    model, processor = _llava(recipe, after)
     sampling = Sampling(ev.temperature, recipe.seed, ev.max_new_tokens, ev.batch_size)
-    generator = LlavaGenerator(model, processor, sampling, vision.image_aspect_ratio == "pad")
-    result = evaluate_fn_call(
-        generator,
-        ev.vision_function_calling_set,
-        Path(ev.vision_image_root),
-        out / "vision_function_calling",
-        ev.limit,
-    )
-    return {**_pooled([result["strict"]]), "fields": result["fields"]}
+    pad = vision.image_aspect_ratio == "pad"
+
+    def evaluate_with(generator: LlavaGenerator | LlamaServerGenerator) -> dict[str, Any]:
+        folder = out / "vision_function_calling"
+        result = evaluate_fn_call(
+            generator, ev.vision_function_calling_set, Path(ev.vision_image_root), folder, ev.limit
+        )
+        return {**_pooled([result["strict"]]), "fields": result["fields"]}
+
+    if after == "export":  # the f16 GGUF with its mmproj in llama-server, read through the packaged processor
+        from transformers import AutoProcessor
+
+        processor = AutoProcessor.from_pretrained(run_dir(recipe) / MODEL_FOLDERS["package"])
+        gguf = _f16_gguf(recipe)
+        mmproj = find_mmproj(gguf)
+        if mmproj is None:
+            raise UserError(f"eval after export: no mmproj file beside {gguf}; run export again with --force")
+        with running_server(gguf, extra=["--mmproj", str(mmproj), "--parallel", "1"]) as server:
+            return evaluate_with(LlamaServerGenerator(server, processor, sampling, pad))
+    model, processor = _llava(recipe, after)
+    return evaluate_with(LlavaGenerator(model, processor, sampling, pad))
 
 
 def _llava(recipe: Recipe, after: str) -> tuple[Any, Any]:
@@ -205,7 +218,12 @@ def _backend(recipe: Recipe, after: str) -> Backend:
 
 
 def _f16_gguf(recipe: Recipe) -> Path:
-    found = sorted(path for path in (run_dir(recipe) / "gguf").glob("*.gguf") if "f16" in path.name.lower())
+    """The exported f16 language model (a Vision run's mmproj beside it is f16 too, and not it)."""
+    found = sorted(
+        path
+        for path in (run_dir(recipe) / "gguf").glob("*.gguf")
+        if "f16" in path.name.lower() and not path.name.startswith(MMPROJ_PREFIX)
+    )
     if not found:
         raise UserError(
             f"eval after export: no f16 GGUF in {run_dir(recipe) / 'gguf'}; run export with f16 in export.gguf_types"

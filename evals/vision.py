@@ -31,7 +31,8 @@ from hermes_pipeline.evals.scoring import (
     same_value,
     score_json_mode,
 )
-from hermes_pipeline.vision import read_picture
+from hermes_pipeline.llama_server import LlamaServer
+from hermes_pipeline.vision import png_base64, read_picture
 
 SPEAKERS = {"human": "user", "gpt": "assistant", "system": "system"}
 
@@ -133,8 +134,43 @@ class LlavaGenerator:
         return [tokenizer.decode(until_eos(answer, eos), skip_special_tokens=True) for answer in answers]
 
 
+class LlamaServerGenerator:
+    """The exported GGUF and its mmproj in llama-server, a row at a time on the completion route: the
+    packaged template renders the prompt with the server's media marker where ``<image>`` stands (the server
+    puts BOS in front itself), and the picture goes as PNG, padded to a square as in training."""
+
+    def __init__(self, server: LlamaServer, processor: ProcessorMixin, sampling: Sampling, pad: bool) -> None:
+        self.server = server
+        self.processor = processor
+        self.sampling = sampling
+        self.pad = pad
+        self.marker = server.get("/props")["media_marker"]
+
+    def generate(self, rows: list[FnCallRow]) -> list[str]:
+        return [self._answer(row) for row in rows]
+
+    def _answer(self, row: FnCallRow) -> str:
+        tokenizer = self.processor.tokenizer
+        text = tokenizer.apply_chat_template(row.messages, tokenize=False, add_generation_prompt=True)
+        prompt = text.removeprefix(tokenizer.bos_token).replace(IMAGE_TOKEN, self.marker)
+        picture = read_picture(row.image, self.processor.image_processor.image_mean, self.pad)
+        body = {
+            "prompt": {"prompt_string": prompt, "multimodal_data": [png_base64(picture)]},
+            "n_predict": self.sampling.max_new_tokens,
+            "temperature": self.sampling.temperature,
+            "seed": self.sampling.seed,
+            # The eval's sampling and nothing else, as in the transformers generator.
+            **{"top_k": 0, "top_p": 1.0, "min_p": 0.0, "repeat_penalty": 1.0, "cache_prompt": False},
+        }
+        return self.server.post("/completion", body)["content"]
+
+
 def evaluate_fn_call(
-    generator: LlavaGenerator, data: str, image_root: Path, out_dir: Path, limit: int | None = None
+    generator: LlavaGenerator | LlamaServerGenerator,
+    data: str,
+    image_root: Path,
+    out_dir: Path,
+    limit: int | None = None,
 ) -> dict[str, Any]:
     """Answer every row of ``data``, score the answers, write predictions and results; returns the results
     (``strict``: whole answers right, ``fields``: each field's exact-match rate, ``bad_rows``)."""

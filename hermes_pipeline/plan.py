@@ -90,7 +90,10 @@ def build_plan(recipe: Recipe) -> Plan:
             plan.stages.append(StagePlan("export", summary, stage.resources))
         elif stage.kind == "eval":
             ev = recipe.eval
-            summary = f"{', '.join(ev.suites)} on the model after {stage.folder.name} ({ev.backend})"
+            engine = ev.backend
+            if stage.folder.name == "export":  # the GGUF, whatever backend the other points use
+                engine = "llama-server, with the mmproj" if recipe.vision else "llama.cpp"
+            summary = f"{', '.join(ev.suites)} on the model after {stage.folder.name} ({engine})"
             plan.stages.append(StagePlan(stage.name, summary, stage.resources))
         else:
             plan.stages.append(StagePlan(stage.name, STAGE_KINDS[stage.kind].produces, stage.resources))

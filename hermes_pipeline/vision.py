@@ -13,6 +13,8 @@ held twice); only the projector is new, initialized from the recipe's seed.
 
 from __future__ import annotations
 
+import base64
+import io
 from pathlib import Path
 
 import torch
@@ -201,3 +203,11 @@ def pad_to_square(image: Image.Image, mean: list[float]) -> Image.Image:
     square = Image.new("RGB", (side, side), tuple(int(channel * 255) for channel in mean))
     square.paste(image, ((side - width) // 2, (side - height) // 2))
     return square
+
+
+def png_base64(picture: Image.Image) -> str:
+    """A picture as clients send it to llama-server: PNG bytes, base64 (lossless, so both engines see the
+    same pixels)."""
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()

@@ -12,8 +12,6 @@ as many tokens as transformers reads, every image token included.
 
 from __future__ import annotations
 
-import base64
-import io
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,11 +22,12 @@ import torch
 from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration, ProcessorMixin
 
 from hermes_pipeline.chat_format.tokens import IMAGE_TOKEN
+from hermes_pipeline.llama_server import LlamaServer, running_server
 from hermes_pipeline.merge.gguf_check import CONVERTER_TYPES, GgufCheckFailed, read_metadata
-from hermes_pipeline.merge.llama_server import LlamaServer, running_server
 from hermes_pipeline.merge.llava import PROBE_QUESTION, probe_inputs, probe_picture, probe_prompt
 from hermes_pipeline.merge.mmproj import mmproj_name, write_mmproj
 from hermes_pipeline.merge.server_check import VERIFY_SERVER_ARGS
+from hermes_pipeline.vision import png_base64
 
 # The mmproj's image features (llama.cpp's tower and projector) against transformers', as a fraction of the
 # features' largest magnitude: the f16 mmproj measured 0.07% and 0.13% on the tiny tower; the CLIP
@@ -259,7 +258,4 @@ def reply(server: LlamaServer, processor: ProcessorMixin) -> tuple[str, bool]:
 
 
 def _picture(processor: ProcessorMixin) -> str:
-    """The probe picture as base64 PNG, the way clients send it."""
-    buffer = io.BytesIO()
-    probe_picture(processor).save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode()
+    return png_base64(probe_picture(processor))

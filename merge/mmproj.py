@@ -36,15 +36,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 from hermes_pipeline.errors import UserError
+from hermes_pipeline.llama_server import MMPROJ_PREFIX
 
 CONVERTER = "convert_image_encoder_to_gguf.py"
 CONVERTER_IN_SDIST = f"llama.cpp/tools/mtmd/legacy-models/{CONVERTER}"
 DEFAULT_INDEX = "https://pypi.org/simple"
 # The activations llama.cpp's CLIP graph has, by the config names the converter reads.
 LLAMA_CPP_GELU = {"gelu_pytorch_tanh": "gelu", "gelu": "gelu"}
-
-
-MMPROJ_PREFIX = "mmproj-"
 
 
 def mmproj_name(name: str) -> str:

@@ -14,8 +14,7 @@ from functools import partial
 from pathlib import Path
 
 from hermes_pipeline.errors import UserError
-from hermes_pipeline.merge.llama_server import LOG_CHAT_FORMAT, LOOPBACK, running_server
-from hermes_pipeline.merge.mmproj import MMPROJ_PREFIX
+from hermes_pipeline.llama_server import LOG_CHAT_FORMAT, LOOPBACK, MMPROJ_PREFIX, find_mmproj, running_server
 from hermes_pipeline.merge.server_check import ServerReport, check_props, check_tool_calls
 
 # The file served from a folder when --type is not given: near-lossless first, then the reference.
@@ -42,11 +41,6 @@ def find_gguf(target: Path, gguf_type: str | None = None) -> Path:
             raise UserError(f"{folder}: no {gguf_type} file; there are: {', '.join(p.name for p in files)}")
         return by_type[gguf_type.lower()]
     return next((by_type[t.lower()] for t in PREFERRED_TYPES if t.lower() in by_type), files[0])
-
-
-def find_mmproj(gguf: Path) -> Path | None:
-    """The mmproj file exported beside a Vision model's GGUF, if there is one."""
-    return next(iter(sorted(gguf.parent.glob(f"{MMPROJ_PREFIX}*.gguf"))), None)
 
 
 def serve(

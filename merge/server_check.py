@@ -16,7 +16,7 @@ from typing import Any
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
 from hermes_pipeline.chat_format.tokens import IM_END, IM_START
-from hermes_pipeline.merge.llama_server import LOG_CHAT_FORMAT, LlamaServer, ServerError, running_server
+from hermes_pipeline.llama_server import LOG_CHAT_FORMAT, LlamaServer, ServerError, running_server
 from hermes_pipeline.merge.probes import CONVERSATIONS, SERVED_CONVERSATIONS, UNITS_TOOL, WEATHER_TOOL
 
 REPLY_TOKENS = 128

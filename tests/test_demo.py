@@ -9,7 +9,7 @@ import pytest
 from tiny_run import TINY_RECIPE
 from train_support import cli
 
-from hermes_pipeline.merge.llama_server import free_port
+from hermes_pipeline.llama_server import free_port
 from hermes_pipeline.merge.serve import serve
 
 pytestmark = pytest.mark.slow

@@ -15,9 +15,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 
 from hermes_pipeline.chat_format.tokens import IM_END, IM_START, prepare_tokenizer, save_tokenizer
 from hermes_pipeline.errors import UserError
+from hermes_pipeline.llama_server import free_port
 from hermes_pipeline.merge.gguf import export_gguf, file_name, is_llama3_tokenizer
 from hermes_pipeline.merge.gguf_check import GgufCheckFailed, load, read_metadata, reply
-from hermes_pipeline.merge.llama_server import free_port
 from hermes_pipeline.merge.package import write_generation_settings
 from hermes_pipeline.merge.probes import SERVED_CONVERSATIONS, probe_texts
 from hermes_pipeline.merge.serve import serve

@@ -193,7 +193,7 @@ VISION_BROKEN = [
     ("chatml template", _set("tokenizer.template", "chatml"), "tokenizer.template", "Hermes 2 Vision speaks Vicuna v1"),
     ("packed image rows", _set("sft.packing", True), "sft.packing", "rows with images are not packed"),
     ("axolotl", _set("sft.backend", "axolotl"), "sft.backend", "the Vision stages train with trl"),
-    ("gguf eval", _set("eval.backend", "llama_cpp"), "eval.backend", "a Vision model is evaluated with transformers"),
+    ("gguf eval", _set("eval.backend", "llama_cpp"), "eval.backend", "a Vision model is evaluated in transformers, and in llama-server after export"),
     ("text eval suite", _set("eval.suites", ["json_mode"]), "eval.suites", "json_mode evaluates ChatML text models"),
     ("eval rows without images", _drop("eval.vision_image_root"), "eval.vision_function_calling_set", "and eval.vision_image_root"),
     ("no caption source", _set("data.sources.0.stage", "sft"), "vision.projector_pretrain", "no data source feeds it"),

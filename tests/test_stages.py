@@ -49,7 +49,8 @@ def test_disabled_stages_and_evals_drop_out() -> None:
 def test_vision_pretrains_the_projector_then_tunes_projector_and_llm_from_it() -> None:
     path = str(RECIPES / "tiny-vision.yaml")
     stages = {s.name: s for s in recipe_stages(load_recipe(path), path)}
-    assert list(stages) == ["prep", "eval_base", "projector", "sft", "eval_sft", "package", "export", "card"]
+    order = ["prep", "eval_base", "projector", "sft", "eval_sft", "package", "export", "eval_export", "card"]
+    assert list(stages) == order
     assert stages["projector"].command[:2] == ("train", "projector") and stages["projector"].needs == (
         "prep",
     )

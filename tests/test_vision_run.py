@@ -21,9 +21,9 @@ from train_support import ROOT, cli
 from transformers import AutoProcessor, AutoTokenizer, LlavaForConditionalGeneration
 
 from hermes_pipeline.errors import UserError
+from hermes_pipeline.llama_server import free_port
 from hermes_pipeline.merge import mmproj
 from hermes_pipeline.merge.gguf_check import GgufCheckFailed
-from hermes_pipeline.merge.llama_server import free_port
 from hermes_pipeline.merge.llava import probe_inputs
 from hermes_pipeline.merge.llava_gguf import (
     IMAGE_FEATURES_TOLERANCE,
@@ -203,6 +203,20 @@ def test_serve_answers_a_picture_with_the_mmproj(vision_run: Path) -> None:
     model = LlavaForConditionalGeneration.from_pretrained(final)
     out = model.generate(**inputs, max_new_tokens=32, do_sample=False)[0, inputs["input_ids"].shape[1] :]
     assert [a.strip() for a in answers] == [processor.decode(out, skip_special_tokens=True).strip()]
+
+
+def test_eval_after_export_answers_as_transformers_did_after_sft(vision_run: Path) -> None:
+    """The eval after export runs the f16 GGUF with its mmproj in llama-server on the same held-out rows:
+    its answers are the sft model's in transformers, row for row, but for one f16 near-tie at most (all 36
+    agree as measured; a prompt that carries BOS twice changes two)."""
+
+    def answers(after: str) -> list[str]:
+        path = vision_run / "eval" / after / "vision_function_calling" / "predictions.jsonl"
+        return [json.loads(line)["output"].strip() for line in path.read_text().splitlines()]
+
+    sft, export = answers("sft"), answers("export")
+    assert len(sft) == len(export) == 36
+    assert sum(a == b for a, b in zip(sft, export, strict=True)) >= 35
 
 
 def test_fn_call_eval_rises_over_the_untrained_model(vision_run: Path) -> None:

