@@ -112,6 +112,9 @@ def test_an_adapter_is_merged_into_its_base_when_packaged(tmp_path: Path) -> Non
     save_tokenizer(load_tiny_tokenizer(), base_dir)
     recipe = _recipe(tmp_path, model={"name_or_path": str(base_dir), "dtype": "float32"})
     stage = SftStage(mode="lora", lora=LoraSection(r=4, alpha=8, dropout=0.0))
+    # peft draws lora_A at random: seeded, the merge's logit difference is the same on every run (one draw
+    # in a CI run, left to the test order's RNG state, reached 2.9e-4).
+    torch.manual_seed(0)
     adapter = get_peft_model(
         AutoModelForCausalLM.from_pretrained(base_dir), lora_config(stage, load_tiny_tokenizer())
     )
