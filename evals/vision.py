@@ -144,7 +144,6 @@ class LlamaServerGenerator:
         self.processor = processor
         self.sampling = sampling
         self.pad = pad
-        self.marker = server.get("/props")["media_marker"]
 
     def generate(self, rows: list[FnCallRow]) -> list[str]:
         return [self._answer(row) for row in rows]
@@ -152,10 +151,9 @@ class LlamaServerGenerator:
     def _answer(self, row: FnCallRow) -> str:
         tokenizer = self.processor.tokenizer
         text = tokenizer.apply_chat_template(row.messages, tokenize=False, add_generation_prompt=True)
-        prompt = text.removeprefix(tokenizer.bos_token).replace(IMAGE_TOKEN, self.marker)
         picture = read_picture(row.image, self.processor.image_processor.image_mean, self.pad)
         body = {
-            "prompt": {"prompt_string": prompt, "multimodal_data": [png_base64(picture)]},
+            "prompt": self.server.media_prompt(text, tokenizer.bos_token, [png_base64(picture)]),
             "n_predict": self.sampling.max_new_tokens,
             "temperature": self.sampling.temperature,
             "seed": self.sampling.seed,

@@ -22,9 +22,11 @@ import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+from hermes_pipeline.chat_format.tokens import IMAGE_TOKEN
 from hermes_pipeline.errors import UserError
 
 LOOPBACK = "127.0.0.1"
@@ -90,6 +92,18 @@ class LlamaServer:
                 return json.loads(response.read())
         except urllib.error.HTTPError as exc:
             raise ServerError(f"{request.full_url}: HTTP {exc.code}: {_error_text(exc)}") from None
+
+    @cached_property
+    def media_marker(self) -> str:
+        """Where a picture goes in a raw prompt (a random string per server start)."""
+        return self.get("/props")["media_marker"]
+
+    def media_prompt(self, text: str, bos_token: str, pictures: list[str]) -> dict[str, Any]:
+        """/completion's prompt for a chat rendered by its template, each ``<image>`` standing for one of
+        ``pictures`` (base64): the server's marker in its place, and the template's BOS taken off, since the
+        server puts its own in front."""
+        prompt = text.removeprefix(bos_token).replace(IMAGE_TOKEN, self.media_marker)
+        return {"prompt_string": prompt, "multimodal_data": pictures}
 
     def chat_format(self) -> str | None:
         """The chat format llama.cpp chose for the latest chat request, from its log (it reports it

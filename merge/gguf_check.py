@@ -22,10 +22,10 @@ from hermes_pipeline.merge.probes import CONVERSATIONS, probe_ids, probe_logits,
 from hermes_pipeline.merge.server_check import check_served
 from hermes_pipeline.models import gguf_bos_text
 
-# f16 logits may differ from the Hugging Face model's by this much relative to the largest logit
-# (half-precision weights and a different kernel order).
 # The types llama.cpp's converter writes; the others are quantized from one of them.
 CONVERTER_TYPES = ("f32", "f16", "bf16")
+# f16 logits may differ from the Hugging Face model's by this much relative to the largest logit
+# (half-precision weights and a different kernel order).
 F16_RELATIVE_TOLERANCE = 2e-2
 MIN_TOP1_AGREEMENT = 0.9
 REPLY_TOKENS = 128

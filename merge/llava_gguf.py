@@ -15,10 +15,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
+from PIL import Image
 from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration, ProcessorMixin
 
 from hermes_pipeline.chat_format.tokens import IMAGE_TOKEN
@@ -70,22 +71,32 @@ def verify_llava_files(
     """Write the mmproj beside the language-model ``files`` (path, type) and check each with it."""
     mmproj = folder / mmproj_name(name)
     write_mmproj(model_dir, mmproj, log)
-    expected = transformers_first_token(model_dir)
-    return [verify_llava_gguf(path, mmproj, model_dir, gguf_type, expected) for path, gguf_type in files]
+    reference = transformers_reference(model_dir)
+    return [verify_llava_gguf(path, mmproj, model_dir, gguf_type, reference) for path, gguf_type in files]
+
+
+class Reference(NamedTuple):
+    """What the packaged model makes of the probe in transformers, computed once for every file."""
+
+    prompt_tokens: int
+    logprobs: torch.Tensor  # of the first answer token
+    image_features: np.ndarray  # the projector's output, one row per image token
 
 
 @torch.no_grad()
-def transformers_first_token(model_dir: Path) -> tuple[int, torch.Tensor]:
-    """The probe's prompt length and the packaged model's first-token log-probabilities, through the
-    packaged processor."""
+def transformers_reference(model_dir: Path) -> Reference:
+    """The probe through the packaged processor and model, in fp32."""
     inputs = probe_inputs(AutoProcessor.from_pretrained(model_dir))
     model = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
     logits = model(**inputs).logits[0, -1].float()
-    return inputs["input_ids"].shape[1], torch.log_softmax(logits, dim=-1)
+    features = model.model.get_image_features(pixel_values=inputs["pixel_values"])
+    # transformers 5.24 returns a BaseModelOutputWithPooling whose pooler_output holds the projected features.
+    image_features = getattr(features, "pooler_output", features)[0].numpy()
+    return Reference(inputs["input_ids"].shape[1], torch.log_softmax(logits, dim=-1), image_features)
 
 
 def verify_llava_gguf(
-    lm: Path, mmproj: Path, model_dir: Path, gguf_type: str, expected: tuple[int, torch.Tensor]
+    lm: Path, mmproj: Path, model_dir: Path, gguf_type: str, reference: Reference
 ) -> LlavaGgufReport:
     """Every check on one language-model file with the mmproj; raises GgufCheckFailed listing each
     problem found."""
@@ -94,15 +105,17 @@ def verify_llava_gguf(
     problems = metadata_problems(lm, model_dir, processor)
     if problems:
         raise GgufCheckFailed(f"{lm.name}: " + "; ".join(problems))
-    report.image_features_relative_difference = image_features_difference(lm, mmproj, model_dir, processor)
+    report.image_features_relative_difference = image_features_difference(
+        lm, mmproj, probe_picture(processor), reference.image_features
+    )
     if not report.image_features_relative_difference <= IMAGE_FEATURES_TOLERANCE:
         problems.append(
             f"{mmproj.name}'s image features differ from transformers' by "
             f"{report.image_features_relative_difference:.2%} of their range "
             f"(tolerance {IMAGE_FEATURES_TOLERANCE:.0%})"
         )
-    length, logprobs = expected
     quantized = gguf_type not in CONVERTER_TYPES
+    best = int(reference.logprobs.argmax())
     with running_server(lm, extra=["--mmproj", str(mmproj), *VERIFY_SERVER_ARGS]) as server:
         if not server.get("/props").get("modalities", {}).get("vision"):
             raise GgufCheckFailed(f"{lm.name}: llama-server loaded {mmproj.name} without vision")
@@ -110,18 +123,19 @@ def verify_llava_gguf(
             "completion": completion_route(server, processor),
             "chat": chat_route(server, processor),
         }.items():
-            if tokens != length:
+            if tokens != reference.prompt_tokens:
                 problems.append(
-                    f"the {route} route reads the probe as {tokens} tokens; transformers reads {length}"
+                    f"the {route} route reads the probe as {tokens} tokens; "
+                    f"transformers reads {reference.prompt_tokens}"
                 )
-            difference = max(abs(logprob - float(logprobs[token])) for token, logprob in top.items())
+            difference = max(abs(lp - float(reference.logprobs[token])) for token, lp in top.items())
             if route == "completion":
                 report.max_logprob_difference, report.prompt_tokens = difference, tokens
             else:
                 report.chat_max_logprob_difference = difference
-            best = int(logprobs.argmax())
-            if max(top, key=top.get) != best:
-                problems.append(f"the {route} route's first token is {max(top, key=top.get)}, not {best}")
+            first = max(top, key=top.get)
+            if first != best:
+                problems.append(f"the {route} route's first token is {first}, not {best}")
             elif not quantized and difference > LOGPROB_TOLERANCE:
                 problems.append(
                     f"the {route} route's first-token log-probabilities differ from transformers' by "
@@ -136,22 +150,16 @@ def verify_llava_gguf(
     return report
 
 
-@torch.no_grad()
-def image_features_difference(lm: Path, mmproj: Path, model_dir: Path, processor: ProcessorMixin) -> float:
-    """llama.cpp's image features for the probe picture (its own preprocessing, tower and projector, through
-    llama-cpp-python's libmtmd) against the packaged model's, as a fraction of the latter's largest magnitude."""
+def image_features_difference(lm: Path, mmproj: Path, picture: Image.Image, expected: np.ndarray) -> float:
+    """llama.cpp's image features for ``picture`` (its own preprocessing, tower and projector, through
+    llama-cpp-python's libmtmd) against ``expected``, as a fraction of the latter's largest magnitude. The
+    language model only tells libmtmd the embedding width."""
     import ctypes
 
     from llama_cpp import Llama, llama_model_n_embd
     from llama_cpp import mtmd_cpp as mtmd
     from llama_cpp._logger import llama_log_callback
 
-    picture = probe_picture(processor)
-    pixels = processor.image_processor(images=[picture], return_tensors="pt")["pixel_values"]
-    model = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
-    features = model.model.get_image_features(pixel_values=pixels)
-    # transformers 5.24 returns a BaseModelOutputWithPooling whose pooler_output holds the projected features.
-    expected = getattr(features, "pooler_output", features)[0].numpy()
     llm = Llama(model_path=str(lm), n_ctx=256, verbose=False)
     mtmd.mtmd_log_set(llama_log_callback, None)  # llama-cpp-python's logger: quiet unless verbose
     params = mtmd.mtmd_context_params_default()
@@ -169,12 +177,9 @@ def image_features_difference(lm: Path, mmproj: Path, model_dir: Path, processor
             context, chunks, ctypes.byref(text), (mtmd.mtmd_bitmap_p_ctypes * 1)(bitmap), 1
         ):
             raise GgufCheckFailed(f"{mmproj.name}: llama.cpp could not read the probe picture")
+        every = [mtmd.mtmd_input_chunks_get(chunks, i) for i in range(mtmd.mtmd_input_chunks_size(chunks))]
         image = next(
-            chunk
-            for chunk in map(
-                lambda i: mtmd.mtmd_input_chunks_get(chunks, i), range(mtmd.mtmd_input_chunks_size(chunks))
-            )
-            if mtmd.mtmd_input_chunk_get_type(chunk) == mtmd.MTMD_INPUT_CHUNK_TYPE_IMAGE
+            c for c in every if mtmd.mtmd_input_chunk_get_type(c) == mtmd.MTMD_INPUT_CHUNK_TYPE_IMAGE
         )
         if mtmd.mtmd_encode_chunk(context, image):
             raise GgufCheckFailed(f"{mmproj.name}: llama.cpp could not encode the probe picture")
@@ -221,12 +226,10 @@ def metadata_problems(lm: Path, model_dir: Path, processor: ProcessorMixin) -> l
 def completion_route(server: LlamaServer, processor: ProcessorMixin) -> tuple[int, dict[int, float]]:
     """The probe as a raw prompt: the packaged template's text with the server's media marker for
     ``<image>`` (llama.cpp puts BOS in front itself). Returns the prompt length and the top tokens."""
-    marker = server.get("/props")["media_marker"]
-    prompt = probe_prompt(processor).removeprefix(processor.tokenizer.bos_token).replace(IMAGE_TOKEN, marker)
-    body = {
-        "prompt": {"prompt_string": prompt, "multimodal_data": [_picture(processor)]},
-        "cache_prompt": False,
-    }
+    prompt = server.media_prompt(
+        probe_prompt(processor), processor.tokenizer.bos_token, [_picture(processor)]
+    )
+    body = {"prompt": prompt, "cache_prompt": False}
     answer = server.post("/completion", {**body, "n_predict": 1, "n_probs": TOP_TOKENS, "temperature": 0})
     top = answer["completion_probabilities"][0]["top_logprobs"]
     return answer["tokens_evaluated"], {t["id"]: t["logprob"] for t in top}

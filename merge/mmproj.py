@@ -37,10 +37,15 @@ from pathlib import Path
 
 from hermes_pipeline.errors import UserError
 from hermes_pipeline.llama_server import MMPROJ_PREFIX
+from hermes_pipeline.merge.shards import read_part
 
 CONVERTER = "convert_image_encoder_to_gguf.py"
 CONVERTER_IN_SDIST = f"llama.cpp/tools/mtmd/legacy-models/{CONVERTER}"
 DEFAULT_INDEX = "https://pypi.org/simple"
+# A LLaVA checkpoint's tower and projector, by the name their tensors are saved under; the converter reads
+# the projector under the second.
+TOWER = "vision_tower."
+PROJECTOR = "multi_modal_projector."
 # The activations llama.cpp's CLIP graph has, by the config names the converter reads.
 LLAMA_CPP_GELU = {"gelu_pytorch_tanh": "gelu", "gelu": "gelu"}
 
@@ -94,17 +99,18 @@ def install_converter(log: Callable[[str], None] = print) -> Path:
 
 def write_mmproj(model_dir: Path, out_file: Path, log: Callable[[str], None] = print) -> None:
     """The packaged LLaVA model's tower and projector as llama.cpp's mmproj file (f16; the patch
-    embedding and norms as llama.cpp keeps them), written through llama.cpp's converter."""
+    embedding and norms as llama.cpp keeps them), written through llama.cpp's converter. Only the tower's
+    and the projector's tensors are read, in fp32 as the converter expects."""
     import torch
-    from transformers import AutoImageProcessor, LlavaForConditionalGeneration
+    from safetensors.torch import save_file
+    from transformers import AutoConfig, AutoImageProcessor
 
     script = converter_path()
     if not script.is_file():
         raise UserError(
             "llama.cpp's mmproj converter is not installed; run `hermes-pipeline setup mmproj-converter`"
         )
-    model = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32)
-    config = model.config
+    config = AutoConfig.from_pretrained(model_dir)
     vision = config.vision_config
     refusals = {
         "the tower is not SigLIP": vision.model_type != "siglip_vision_model",
@@ -118,20 +124,23 @@ def write_mmproj(model_dir: Path, out_file: Path, log: Callable[[str], None] = p
     processor = AutoImageProcessor.from_pretrained(model_dir)
     with tempfile.TemporaryDirectory(dir=out_file.parent, prefix=".mmproj-") as folder:
         work = Path(folder)
-        model.model.vision_tower.save_pretrained(work / "tower")
-        tower_config = json.loads((work / "tower" / "config.json").read_text(encoding="utf-8"))
-        tower_config |= {
+        tower = work / "tower"
+        tower.mkdir()
+        weights = {name: t.float().contiguous() for name, t in read_part(model_dir, TOWER).items()}
+        save_file(weights, tower / "model.safetensors", metadata={"format": "pt"})
+        tower_config = vision.to_dict() | {
             "hidden_act": LLAMA_CPP_GELU[vision.hidden_act],
             "vision_feature_layer": config.vision_feature_layer,
             "vision_use_head": False,  # SigLIP's pooling head: LLaVA reads patch features, never the head
+            "dtype": "float32",
         }
-        (work / "tower" / "config.json").write_text(json.dumps(tower_config, indent=2), encoding="utf-8")
-        projector = model.model.multi_modal_projector.state_dict()
-        torch.save({f"multi_modal_projector.{k}": v for k, v in projector.items()}, work / "llava.projector")
+        (tower / "config.json").write_text(json.dumps(tower_config, indent=2), encoding="utf-8")
+        projector = read_part(model_dir, PROJECTOR)
+        torch.save({f"{PROJECTOR}{k}": t.float() for k, t in projector.items()}, work / "llava.projector")
         command = [
             sys.executable,
             *("-m", "hermes_pipeline.merge.mmproj", str(script)),
-            *("--model-dir", str(work / "tower"), "--llava-projector", str(work / "llava.projector")),
+            *("--model-dir", str(tower), "--llava-projector", str(work / "llava.projector")),
             *("--output-dir", str(work / "out"), "--clip-model-is-vision", "--clip-model-is-siglip"),
             *("--image-mean", *map(str, processor.image_mean), "--image-std", *map(str, processor.image_std)),
         ]

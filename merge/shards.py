@@ -62,6 +62,19 @@ def iter_tensors(model_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
             yield name, tensor
 
 
+def read_part(model_dir: Path, part: str) -> dict[str, torch.Tensor]:
+    """The tensors of one part of a saved model (names holding ``part``, e.g. ``vision_tower.``), keyed by
+    the name after it; nothing else is read."""
+    tensors = {}
+    for file in shard_files(model_dir):
+        with safe_open(file, framework="pt") as handle:
+            names = handle.keys()
+            for name in names:
+                if part in name:
+                    tensors[name.split(part, 1)[1]] = handle.get_tensor(name)
+    return tensors
+
+
 def model_bytes(model_dir: Path) -> int:
     return sum(file.stat().st_size for file in shard_files(model_dir))
 

@@ -28,7 +28,7 @@ from hermes_pipeline.merge.llava import probe_inputs
 from hermes_pipeline.merge.llava_gguf import (
     IMAGE_FEATURES_TOLERANCE,
     LOGPROB_TOLERANCE,
-    transformers_first_token,
+    transformers_reference,
     verify_llava_gguf,
 )
 from hermes_pipeline.merge.serve import serve
@@ -157,7 +157,7 @@ def test_mmproj_with_another_normalization_fails_verification(vision_run: Path, 
     mmproj.write_mmproj(copy, tmp_path / "mmproj.gguf", log=lambda _: None)
     lm = vision_run / "gguf" / "tiny-vision-f16.gguf"
     with pytest.raises(GgufCheckFailed, match="image features differ from transformers'"):
-        verify_llava_gguf(lm, tmp_path / "mmproj.gguf", final, "f16", transformers_first_token(final))
+        verify_llava_gguf(lm, tmp_path / "mmproj.gguf", final, "f16", transformers_reference(final))
 
 
 def test_mmproj_export_without_the_converter_names_the_setup_command(
